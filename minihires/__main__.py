@@ -1,0 +1,45 @@
+"""`python -m minihires COMMAND ...`: one dispatcher, each command lives in its module.
+
+A command module defines `cli_<command>(argv: list[str]) -> int` with its own argparse,
+so adding a command never touches the others.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "train": ("minihires.train", "train a model from scratch on EntityGrid-QA (default preset tiny)"),
+    "eval": ("minihires.train", "re-score a run folder on the EntityGrid-QA test split"),
+    "ask": ("minihires.ask", "answer a question about an image with a trained or HF model"),
+    "entitygrid": ("minihires.entitygrid", "export EntityGrid-QA images and questions"),
+    "ablate": ("minihires.ablate", "train the ablation variants and print their table"),
+    "tokens": ("minihires.budget", "visual-token and FLOP budget per image size"),
+    "bench": ("minihires.bench", "kernel benchmarks: stitch, window_attn_pool"),
+    "demo": ("minihires.demo", "a short tour of what exists: slicing and the stitch kernel"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m minihires COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n`python -m minihires COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(getattr(module, f"cli_{command}")(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kernel benchmarks: `python -m minihires bench [stitch|window_attn_pool|all]`."""

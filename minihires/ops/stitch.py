@@ -1,0 +1,83 @@
+"""stitch / split / canvases: the kernel front (checks, fake kernels, autograd).
+
+slices [N, h, w, C] --stitch--> packed [N*h*w, C] (each image's canvas [r*h, c*w, C],
+row-major, images one after another) --split--> slices. One call handles a ragged batch
+(images with different grids) in one kernel launch. The two are each other's adjoint, so
+each one's backward is the other op. Kernels: csrc/cpu/stitch.cpp, csrc/cuda/stitch.cu;
+reference twin: minihires.ops.reference.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import reference
+from ._extension import LOADED, has_kernel, warn_fallback
+from .checks import check_split, check_stitch, flat_grids, normalize_grids, pair_grids
+
+
+def _use_kernel(op: str, t: torch.Tensor) -> bool:
+    if has_kernel(op, t.device.type):
+        return True
+    if not LOADED:
+        warn_fallback()
+    return False
+
+
+def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """slices [N, h, w, C], grids [(r_i, c_i)] -> packed canvases [N*h*w, C]."""
+    grids = normalize_grids(grids)
+    check_stitch(slices, grids)
+    if _use_kernel("stitch", slices):
+        return torch.ops.minihires.stitch(slices, flat_grids(grids))
+    return reference.stitch(slices, grids)
+
+
+def split(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: int) -> torch.Tensor:
+    """packed canvases [N*h*w, C] -> slices [N, h, w, C]; the inverse of stitch."""
+    grids = normalize_grids(grids)
+    check_split(packed, grids, h, w)
+    if _use_kernel("split", packed):
+        return torch.ops.minihires.split(packed, flat_grids(grids), h, w)
+    return reference.split(packed, grids, h, w)
+
+
+def canvases(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: int) -> list[torch.Tensor]:
+    """Zero-copy views [r_i*h, c_i*w, C] of each image's canvas inside `packed`."""
+    return reference.canvases(packed, grids, h, w)
+
+
+if LOADED:
+    # Fake (meta) kernels: output shapes from the int[] grids alone, no data needed.
+    @torch.library.register_fake("minihires::stitch")
+    def _stitch_fake(slices, grids):
+        check_stitch(slices, pair_grids(grids))
+        N, h, w, C = slices.shape
+        return slices.new_empty((N * h * w, C))
+
+    @torch.library.register_fake("minihires::split")
+    def _split_fake(packed, grids, h, w):
+        pairs = pair_grids(grids)
+        check_split(packed, pairs, h, w)
+        return packed.new_empty((sum(r * c for r, c in pairs), h, w, packed.shape[1]))
+
+    torch.library.register_fake("minihires::stitch_naive")(_stitch_fake)
+    torch.library.register_fake("minihires::split_naive")(_split_fake)
+
+    # Autograd: stitch and split are permutations and each other's inverse, hence adjoint.
+    def _stitch_setup(ctx, inputs, output):
+        slices, grids = inputs
+        ctx.grids, ctx.h, ctx.w = grids, slices.shape[1], slices.shape[2]
+
+    def _stitch_backward(ctx, grad):
+        return torch.ops.minihires.split(grad.contiguous(), ctx.grids, ctx.h, ctx.w), None
+
+    def _split_setup(ctx, inputs, output):
+        ctx.grids = inputs[1]
+
+    def _split_backward(ctx, grad):
+        return torch.ops.minihires.stitch(grad.contiguous(), ctx.grids), None, None, None
+
+    torch.library.register_autograd("minihires::stitch", _stitch_backward, setup_context=_stitch_setup)
+    torch.library.register_autograd("minihires::split", _split_backward, setup_context=_split_setup)

@@ -1,0 +1,56 @@
+"""Shared test setup: hypothesis profiles, the `cuda` marker, poisoned allocations.
+
+Hypothesis profiles (HYPOTHESIS_PROFILE=...; default `ci` when CI is set, else `dev`):
+    ci   derandomised (same examples every run), modest example counts
+    dev  random examples, modest counts
+    gpu  more examples, for tests/gpu/run.sh on a lent GPU machine
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu", deadline=None, max_examples=100, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_runtest_setup(item):
+    """@pytest.mark.cuda("op", ...): skip without a GPU; FAIL when a GPU is present but an
+    op named in the marker has no CUDA kernel registered (a silent CPU fallback would
+    otherwise pass the GPU run)."""
+    marker = item.get_closest_marker("cuda")
+    if marker is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from minihires.ops._extension import LOAD_ERROR, has_kernel
+    missing = [op for op in marker.args if not has_kernel(op, "cuda")]
+    if missing:
+        pytest.fail(f"a GPU is present but minihires has no CUDA kernel for {missing} "
+                    f"(build with CUDA: pip install --no-build-isolation -e .; load error: {LOAD_ERROR})")
+
+
+@pytest.fixture
+def poison():
+    """Every fresh allocation (torch.empty, at::empty in the kernels) is filled with NaN, so
+    an output element a kernel forgot to write fails the comparison."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all(), "poisoning does not reach fresh allocations"
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+    torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
