@@ -22,4 +22,16 @@ TORCH_LIBRARY(minihires, m) {
   // for benchmarks; the ops above run the fast versions.
   m.def("stitch_naive(Tensor slices, int[] grids) -> Tensor");
   m.def("split_naive(Tensor packed, int[] grids, int h, int w) -> Tensor");
+
+  // Windowed attention pooling (csrc/kernels/window_attn_pool.h). q [N, Hq, Wq, nh, d],
+  // k, v [N, Hq*kh, Wq*kw, nh, d] -> out [N, Hq, Wq, nh, d] and lse [N, Hq, Wq, nh]
+  // (log-sum-exp of each query's logits, float32, float64 for float64: the backward's
+  // softmax normaliser). The backward returns (grad_q, grad_k, grad_v). The _naive pair is
+  // version 1 (one thread / loop iteration per output element), for tests and benchmarks.
+  m.def("window_attn_pool(Tensor q, Tensor k, Tensor v, int kh, int kw, float scale) -> (Tensor, Tensor)");
+  m.def("window_attn_pool_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, int kh, int kw, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("window_attn_pool_naive(Tensor q, Tensor k, Tensor v, int kh, int kw, float scale) -> (Tensor, Tensor)");
+  m.def("window_attn_pool_backward_naive(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, int kh, "
+        "int kw, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -34,10 +34,11 @@ grids_st = st.lists(st.one_of(grid, long_grid), min_size=1, max_size=5)
 
 def make_slices(grids, h, w, C, dtype, device, contiguous):
     n = sum(r * c for r, c in grids)
-    x = torch.randn(n, h, w, C, dtype=torch.float64).to(dtype=dtype, device=device)
-    if not contiguous:  # same values, channels-strided storage
-        x = x.transpose(0, 3).contiguous().transpose(0, 3)
-        assert not x.is_contiguous() or x.numel() <= 1 or C == 1
+    if contiguous:
+        return torch.randn(n, h, w, C, dtype=torch.float64).to(dtype=dtype, device=device)
+    # a view into a wider buffer: strided rows and a storage offset (misaligned base pointer)
+    x = torch.randn(n, h, w, C + 3, dtype=torch.float64).to(dtype=dtype, device=device)[..., 1:C + 1]
+    assert not x.is_contiguous() or n * h * w == 1
     return x
 
 
