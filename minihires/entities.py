@@ -1,0 +1,133 @@
+"""EntityGrid-QA entities: eight pattern classes that only full resolution tells apart.
+
+Our design (the paper's generator is not public). Every entity is the same square with a
+1-pixel outline, in one colour; classes differ only in the 1-pixel pattern inside it. Each
+pattern lights exactly half of the interior and belongs to one of two families:
+
+    row family     every row alternates on/off; rows differ only by a phase 0 or 1:
+                   pixel (x, y) is on iff (x + phase[y % period]) is even
+    column family  the transpose: every column alternates, phase per column
+
+In either family every 2x2 window holds exactly two lit pixels, and a symmetric resampling
+filter that halves the size (box, bilinear, bicubic, Lanczos: its even and odd taps carry
+equal weight) maps the interior to one flat 50% blend of colour and background. So the
+thumbnail (the 2x2 canvas resized to S x S) keeps colour, size and place but not class;
+only the full-resolution slices show it. What survives downsampling is a faint difference
+along the pattern's edges. A nearest-neighbour thumbnail would alias instead: the slicer
+must use an antialiasing filter.
+
+Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
+width 1) and `ImageDraw.point`, no fonts, no antialiasing.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+# class -> (family, phase sequence). Names are plural nouns so that questions read
+# "What is at the top? red stripes", "Where are the red stripes?".
+CLASSES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "bars": ("row", (0,)),                            # vertical 1-px lines
+    "checks": ("row", (0, 1)),                        # 1-px checkerboard
+    "zigzags": ("row", (0, 0, 1, 1)),                 # vertical lines, jog every 2 rows
+    "bricks": ("row", (0, 0, 0, 0, 1, 1, 1, 1)),      # vertical lines, jog every 4 rows
+    "stripes": ("col", (0,)),                         # horizontal 1-px lines
+    "waves": ("col", (0, 0, 1, 1)),                   # horizontal lines, jog every 2 columns
+    "tiles": ("col", (0, 0, 0, 0, 1, 1, 1, 1)),       # horizontal lines, jog every 4 columns
+    "dashes": ("col", (0, 0, 0, 1)),                  # horizontal lines, every 4th pixel off
+}
+
+# Saturated colours on a black background; the 50% blend in the thumbnail keeps them apart.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (60, 100, 240),
+    "yellow": (235, 215, 40),
+}
+
+# name -> (column, row) of the centre in sixths of the canvas width and height.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (1, 1), "top": (3, 1), "top right": (5, 1),
+    "left": (1, 3), "center": (3, 3), "right": (5, 3),
+    "bottom left": (1, 5), "bottom": (3, 5), "bottom right": (5, 5),
+}
+
+
+def is_lit(cls: str, x: int, y: int) -> bool:
+    """Whether interior pixel (x, y) (0-based, inside the outline) of class `cls` is lit."""
+    family, phase = CLASSES[cls]
+    if family == "row":
+        return (x + phase[y % len(phase)]) % 2 == 0
+    return (y + phase[x % len(phase)]) % 2 == 0
+
+
+def draw_entity(draw: ImageDraw.ImageDraw, cls: str, colour: str,
+                bbox: tuple[int, int, int, int]) -> None:
+    """Draw one entity into the pixel box bbox = (x0, y0, x1, y1), x1 and y1 exclusive."""
+    if cls not in CLASSES:
+        raise ValueError(f"cls must be one of {sorted(CLASSES)}, got {cls!r}")
+    if colour not in COLOURS:
+        raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {colour!r}")
+    x0, y0, x1, y1 = bbox
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        raise ValueError(f"bbox must be at least 3x3 pixels (outline + interior), got {bbox}")
+    rgb = COLOURS[colour]
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=1)  # inclusive corners
+    lit = [(x0 + 1 + x, y0 + 1 + y)
+           for y in range(y1 - y0 - 2) for x in range(x1 - x0 - 2) if is_lit(cls, x, y)]
+    draw.point(lit, fill=rgb)
+
+
+def centre(position: str, width: int, height: int) -> tuple[int, int]:
+    """Integer pixel centre of a named position on a width x height canvas."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
+    kx, ky = POSITIONS[position]
+    return width * kx // 6, height * ky // 6
+
+
+def crosses_seam(bbox: tuple[int, int, int, int], slice_size: int, rows: int, cols: int) -> bool:
+    """True iff the box has pixels on both sides of an inner slice boundary.
+
+    Slice boundaries lie at multiples of slice_size; a boundary b cuts the box when pixels
+    b - 1 and b are both inside it, i.e. x0 < b < x1 (x1 exclusive).
+    """
+    x0, y0, x1, y1 = bbox
+    return (any(x0 < m * slice_size < x1 for m in range(1, cols))
+            or any(y0 < m * slice_size < y1 for m in range(1, rows)))
+
+
+@dataclass(frozen=True)
+class Entity:
+    cls: str
+    colour: str
+    position: str
+    bbox: tuple[int, int, int, int]   # pixels (x0, y0, x1, y1), x1 and y1 exclusive
+    on_seam: bool                     # crosses_seam(bbox, ...): geometry, not the name
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.cls}"
+
+
+def place(cls: str, colour: str, position: str, cfg, dx: int = 0, dy: int = 0) -> Entity:
+    """An entity of cfg.entity_px pixels centred on `position`, shifted by (dx, dy).
+
+    cfg: an `EntityGridConfig` (width, height, entity_px, slice_size, rows, cols).
+    """
+    cx, cy = centre(position, cfg.width, cfg.height)
+    x0, y0 = cx - cfg.entity_px // 2 + dx, cy - cfg.entity_px // 2 + dy
+    bbox = (x0, y0, x0 + cfg.entity_px, y0 + cfg.entity_px)
+    return Entity(cls, colour, position, bbox,
+                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols))
+
+
+def render(entities: Iterable[Entity], cfg) -> Image.Image:
+    """Draw entities on a fresh cfg.width x cfg.height canvas of cfg.background."""
+    image = Image.new("RGB", (cfg.width, cfg.height), tuple(cfg.background))
+    draw = ImageDraw.Draw(image)
+    for e in entities:
+        draw_entity(draw, e.cls, e.colour, e.bbox)
+    return image
