@@ -1,0 +1,336 @@
+"""HiRes-LLaVA: ViT (+ SliceRestore) -> sampler -> projector -> LLaMA.
+
+    images --slicing--> crops [sum_i (1 + r_i*c_i), 3, S, S] + grids [(r_i, c_i)]
+      -> vision_tower, all crops of the batch at once (thumbnails first, then slices)
+      -> features without CLS [N, g, g, Dv] -> sampler [N, h, h, Dv] -> projector [N, h, h, Dl]
+      -> layout per image: thumbnail tokens, newline, then per slice row its slices' tokens
+         (each slice in raster order, slices left to right) and one newline
+      -> spliced into the text embeddings at the single <image> token -> Llama
+
+Ablations share this one code path (ModelConfig): use_slices=False (thumbnail only),
+use_sra=False, compression in {"sms", "avg", "none"}, overlap, and mode="llava15"
+(thumbnail only, all g*g tokens, no sampler, no newline). `slicing.num_image_tokens` is
+the only place the image-token count is computed; `encode_images` asserts it.
+
+Choices that are ours: the newline embedding follows slice rows (not every token row, as
+LLaVA-NeXT does); a 1x1 grid still adds its one slice (see `slicing`); the loss is the mean
+over all answer tokens of the batch (eos included); the projector is LLaVA-1.5's.
+
+Parameter names follow HF LLaVA(-NeXT): `vision_tower`, `multi_modal_projector.linear_1/2`,
+`image_newline`, `language_model`. Submodules that an ablation does not use are not built,
+and ViT parts off the feature path are frozen, so every trainable parameter gets a gradient
+(DistributedDataParallel needs no find_unused_parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import slicing
+from .config import ModelConfig
+from .llama import Llama, generate as llama_generate
+from .sampler import build_sampler
+from .vit import VisionTransformer
+
+IGNORE = -100
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Reject inconsistent configs with a message naming the field."""
+    if cfg.mode not in ("hires", "llava15"):
+        raise ValueError(f"mode must be 'hires' or 'llava15', got {cfg.mode!r}")
+    if cfg.compression not in ("sms", "avg", "none"):
+        raise ValueError(f"compression must be 'sms', 'avg' or 'none', got {cfg.compression!r}")
+    if not 0.0 <= cfg.overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {cfg.overlap}")
+    if cfg.max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {cfg.max_slices}")
+    if cfg.vit.image_size % cfg.vit.patch_size:
+        raise ValueError(f"vit.image_size {cfg.vit.image_size} is not a multiple of "
+                         f"vit.patch_size {cfg.vit.patch_size}")
+    g = cfg.vit.image_size // cfg.vit.patch_size
+    if cfg.mode == "hires" and cfg.compression != "none" and g % cfg.sms.window:
+        raise ValueError(f"sms.window {cfg.sms.window} does not divide the token grid g = {g}")
+
+
+class MultiModalProjector(nn.Module):
+    """Linear, GELU, Linear: vision width -> LLM width (LLaVA-1.5's projector)."""
+
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+@dataclass
+class Batch:
+    """What `HiResLLaVA.forward` consumes (`prepare`/`collate` build it).
+
+    input_ids, attention_mask, labels: [B, T], right-padded, one <image> per row;
+    labels = IGNORE (-100) except on answer tokens (same positions as input_ids);
+    pixel_values: every image's crops one after the other [sum_i n_i, 3, S, S], n_i = 1 + r_i*c_i
+    (thumbnail, then slices row-major), or n_i = 1 (thumbnail) when slices are off;
+    grids: each image's (r_i, c_i).
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    pixel_values: torch.Tensor
+    grids: list[tuple[int, int]]
+
+    def to(self, device) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.labels),
+                     mv(self.pixel_values), list(self.grids))
+
+    def kwargs(self) -> dict:
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                    labels=self.labels, pixel_values=self.pixel_values, grids=self.grids)
+
+
+def uses_slices(cfg: ModelConfig) -> bool:
+    return cfg.mode == "hires" and cfg.use_slices
+
+
+def image_inputs(image, cfg: ModelConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image (path or PIL) -> (crops [n, 3, S, S], grid). Cache these to save CPU time."""
+    img = slicing.load_image(image)
+    S = cfg.vit.image_size
+    grid = slicing.plan(img.width, img.height, S, cfg.max_slices)
+    return slicing.crops(img, grid if uses_slices(cfg) else None, S, cfg.overlap), grid
+
+
+def collate(examples: Sequence[tuple[torch.Tensor, tuple[int, int], Sequence[int], Sequence[int] | None]],
+            pad_id: int) -> Batch:
+    """[(crops, grid, ids, labels or None)] -> a right-padded Batch."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    B, T = len(examples), max(len(ex[2]) for ex in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    has_labels = examples[0][3] is not None
+    labels = torch.full((B, T), IGNORE, dtype=torch.long) if has_labels else None
+    for b, (_, _, ids, lab) in enumerate(examples):
+        n = len(ids)
+        input_ids[b, :n] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        if has_labels:
+            if lab is None or len(lab) != n:
+                raise ValueError(f"example {b}: labels must be given for every example and "
+                                 f"match its ids in length")
+            labels[b, :n] = torch.as_tensor(lab, dtype=torch.long)
+    pixel_values = torch.cat([ex[0] for ex in examples], dim=0)        # (sum n_i, 3, S, S)
+    return Batch(input_ids, attention_mask, labels, pixel_values, [tuple(ex[1]) for ex in examples])
+
+
+def prepare(images: Sequence, questions: Sequence[str], tokenizer, cfg: ModelConfig,
+            answers: Sequence[str] | None = None) -> Batch:
+    """(images, questions[, answers]) -> Batch, via the tokenizer's chat template."""
+    if len(images) != len(questions) or (answers is not None and len(answers) != len(images)):
+        raise ValueError(f"got {len(images)} images, {len(questions)} questions"
+                         + ("" if answers is None else f", {len(answers)} answers")
+                         + ": they must be equally many")
+    examples = []
+    for i, (image, q) in enumerate(zip(images, questions)):
+        crops, grid = image_inputs(image, cfg)
+        ids, labels = tokenizer.chat(q, None if answers is None else answers[i])
+        examples.append((crops, grid, ids, labels if answers is not None else None))
+    return collate(examples, tokenizer.pad_id)
+
+
+class HiResLLaVA(nn.Module):
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        hires = cfg.mode == "hires"
+        sra = cfg.sra if hires and cfg.use_slices and cfg.use_sra else None
+        self.vision_tower = VisionTransformer(cfg.vit, sra)
+        Dv, Dl = cfg.vit.hidden_size, cfg.llama.hidden_size
+        if hires and cfg.compression != "none":
+            self.sampler = build_sampler(cfg.compression, Dv, cfg.sms)
+        self.multi_modal_projector = MultiModalProjector(Dv, Dl)
+        if hires:
+            self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
+        self.language_model = Llama(cfg.llama)
+
+    # ------------------------------------------------------------------ vision side
+    def num_image_tokens(self, grid: tuple[int, int]) -> int:
+        return slicing.num_image_tokens(grid, self.cfg)
+
+    def encode_images(self, pixel_values: torch.Tensor,
+                      grids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Crops of B images (Batch.pixel_values layout) -> B sequences [n_i, Dl] in layout order."""
+        cfg, slices_on = self.cfg, uses_slices(self.cfg)
+        grids = [(int(r), int(c)) for r, c in grids]
+        B = len(grids)
+        n_crops = [1 + r * c if slices_on else 1 for r, c in grids]
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_crops):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but grids {grids} "
+                             f"need {sum(n_crops)} crops [N, 3, S, S]"
+                             + ("" if slices_on else " (thumbnails only: slices are off)"))
+        starts = torch.tensor([0] + n_crops[:-1]).cumsum(0)           # first crop of each image
+        if slices_on:                                                 # thumbnails first, then slices
+            is_thumb = torch.zeros(sum(n_crops), dtype=torch.bool)
+            is_thumb[starts] = True
+            order = torch.cat([starts, (~is_thumb).nonzero().squeeze(1)]).to(pixel_values.device)
+            pixel_values = pixel_values[order]
+        feats = self.vision_tower(pixel_values, grids if slices_on else None)  # (N, 1 + g*g, Dv)
+        N, T, Dv = feats.shape
+        g = int(round((T - 1) ** 0.5))
+        x = feats[:, 1:].reshape(N, g, g, Dv)                           # (N, g, g, Dv), CLS dropped
+        if cfg.mode == "llava15":
+            tokens = self.multi_modal_projector(x.reshape(N, g * g, Dv))  # (N, g*g, Dl)
+            return list(tokens.unbind(0))
+        if hasattr(self, "sampler"):
+            x = self.sampler(x)                                         # (N, h, h, Dv)
+        x = self.multi_modal_projector(x)                               # (N, h, h, Dl)
+        h, Dl = x.shape[1], x.shape[-1]
+        newline = self.image_newline.to(x.dtype).view(1, Dl)            # (1, Dl)
+        thumbs, slices = x[:B].reshape(B, h * h, Dl), x[B:]             # (B, h*h, Dl), (Ns, h, h, Dl)
+        out, s = [], 0
+        for b, (r, c) in enumerate(grids):
+            parts = [thumbs[b], newline]
+            if slices_on:
+                rows = slices[s:s + r * c].reshape(r, c * h * h, Dl)   # (r, c*h*h, Dl)
+                rows = torch.cat([rows, newline.expand(r, 1, Dl)], 1)  # (r, c*h*h + 1, Dl)
+                parts.append(rows.reshape(r * (c * h * h + 1), Dl))
+                s += r * c
+            seq = torch.cat(parts, dim=0)                               # (n_i, Dl)
+            assert seq.shape[0] == self.num_image_tokens((r, c)), "layout != num_image_tokens"
+            out.append(seq)
+        return out
+
+    # ------------------------------------------------------------------ splicing
+    def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     image_embeds: list[torch.Tensor], image_token_id: int,
+                     labels: torch.Tensor | None = None, padding_side: str = "right"):
+        """Replace each row's single <image> token by that image's embeddings.
+
+        input_ids [B, T] (any padding, real tokens where attention_mask == 1)
+        -> inputs_embeds [B, L, Dl], attention_mask [B, L], labels [B, L] or None,
+        rows re-padded on `padding_side` ("right" for training, "left" for generation).
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        B, T = input_ids.shape
+        dev = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        real = mask.bool()
+        is_img = (input_ids == image_token_id) & real                   # (B, T)
+        count = is_img.sum(1)
+        bad = (count != 1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"input_ids must hold exactly one <image> token (id {image_token_id}) "
+                             f"per row; rows {bad} hold {count[bad].tolist()}")
+        if len(image_embeds) != B:
+            raise ValueError(f"got {len(image_embeds)} images for {B} text rows")
+        n_img = torch.tensor([e.shape[0] for e in image_embeds], device=dev)  # (B,)
+        rank = real.long().cumsum(1) - 1                                # (B, T) index among real tokens
+        p = (rank * is_img).sum(1)                                      # (B,) rank of <image>
+        lengths = real.sum(1) - 1 + n_img                               # (B,) spliced lengths
+        L = int(lengths.max())
+        max_pos = self.cfg.llama.max_position_embeddings
+        if L > max_pos:
+            raise ValueError(f"the spliced sequence has {L} tokens (text + {int(n_img.max())} image "
+                             f"tokens), more than llama.max_position_embeddings = {max_pos}")
+        offset = (L - lengths) if padding_side == "left" else torch.zeros_like(lengths)  # (B,)
+        # destination of each kept text token and of each image token, as flat indices into B*L
+        keep = real & ~is_img
+        text_pos = rank + torch.where(rank > p[:, None], n_img[:, None] - 1, 0) + offset[:, None]
+        row = torch.arange(B, device=dev)[:, None].expand(B, T)
+        text_dst = (row * L + text_pos)[keep]                           # (n_text,)
+        img_row = torch.repeat_interleave(torch.arange(B, device=dev), n_img)  # (sum n_img,) image of each
+        first = torch.repeat_interleave(n_img.cumsum(0) - n_img, n_img)        # its image's first index
+        k = torch.arange(int(n_img.sum()), device=dev) - first                 # index within its image
+        img_dst = img_row * L + (p + offset)[img_row] + k                     # (sum n_img,)
+
+        # the <image> id may lie outside the embedding table (LLaVA's id 32000): never embed it
+        text_embeds = self.language_model.embed(input_ids.masked_fill(is_img, 0))  # (B, T, Dl)
+        Dl = text_embeds.shape[-1]
+        embeds = text_embeds.new_zeros(B * L, Dl)
+        embeds[text_dst] = text_embeds[keep]
+        embeds[img_dst] = torch.cat(image_embeds, dim=0).to(embeds.dtype)
+        new_mask = torch.zeros(B * L, dtype=mask.dtype, device=dev)
+        new_mask[text_dst] = 1
+        new_mask[img_dst] = 1
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((B * L,), IGNORE, dtype=torch.long, device=dev)
+            new_labels[text_dst] = labels[keep]
+            new_labels = new_labels.view(B, L)
+        return embeds.view(B, L, Dl), new_mask.view(B, L), new_labels
+
+    # ------------------------------------------------------------------ training / inference
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                grids: Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, image_token_id: int | None = None):
+        """-> (logits [B, L, V], loss or None). Loss: next-token cross-entropy on labels != -100."""
+        image_token_id = self._image_id(image_token_id)
+        images = self.encode_images(pixel_values, grids)
+        embeds, mask, labels = self.build_inputs(input_ids, attention_mask, images,
+                                                 image_token_id, labels, "right")
+        logits = self.language_model(embeds, attention_mask=None if bool(mask.all()) else mask,
+                                     position_ids=None, cache=None)    # (B, L, V)
+        loss = None
+        if labels is not None:
+            target = labels[:, 1:]                                      # (B, L-1)
+            if not bool((target != IGNORE).any()):
+                raise ValueError("labels has no answer tokens (all -100): nothing to learn")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   target.reshape(-1), ignore_index=IGNORE)
+        return logits, loss
+
+    def _image_id(self, image_token_id: int | None) -> int:
+        if image_token_id is None:
+            image_token_id = self.cfg.image_token_index
+        if image_token_id is None:
+            raise ValueError("the <image> token id is unknown: pass image_token_id= or set "
+                             "cfg.image_token_index = tokenizer.image_id")
+        return image_token_id
+
+    @torch.no_grad()
+    def generate(self, images, questions, tokenizer, max_new_tokens: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[str]:
+        """Answer each question about its image (greedy when temperature == 0), with the KV cache.
+
+        images/questions: lists of equal length, or one image and one question (a str).
+        Prompts are left-padded; each answer is cut at eos and stripped.
+        """
+        if isinstance(questions, str):
+            images, questions = [images], [questions]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        dev = next(self.parameters()).device
+        batch = prepare(images, questions, tokenizer, self.cfg).to(dev)
+        was_training = self.training
+        self.eval()
+        try:
+            feats = self.encode_images(batch.pixel_values, batch.grids)
+            embeds, mask, _ = self.build_inputs(batch.input_ids, batch.attention_mask, feats,
+                                                tokenizer.image_id, None, "left")
+            limit = self.cfg.llama.max_position_embeddings
+            if embeds.shape[1] + max_new_tokens - 1 > limit:
+                raise ValueError(f"prompt of {embeds.shape[1]} tokens + max_new_tokens "
+                                 f"{max_new_tokens} exceeds llama.max_position_embeddings = {limit}")
+            out = llama_generate(self.language_model, embeds, mask, max_new_tokens,
+                                 tokenizer.eos_id, temperature=temperature, top_p=top_p,
+                                 generator=generator, use_cache=True)  # (B, <= max_new_tokens)
+        finally:
+            self.train(was_training)
+        answers = []
+        for ids in out.tolist():
+            if tokenizer.eos_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_id)]
+            # an LLM vocabulary padded beyond the tokenizer's has ids no text maps to: skip them
+            answers.append(tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]).strip())
+        return answers
