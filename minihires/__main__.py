@@ -17,7 +17,6 @@ COMMANDS = {
     "ablate": ("minihires.ablate", "train the ablation variants and print their table"),
     "tokens": ("minihires.budget", "visual-token and FLOP budget per image size"),
     "bench": ("minihires.bench", "kernel benchmarks: stitch, window_attn_pool"),
-    "demo": ("minihires.demo", "a short tour of what exists: slicing and the stitch kernel"),
 }
 
 
