@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "kernels/window_attn_pool.h"
+
 namespace minihires {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -55,6 +57,39 @@ inline std::vector<int64_t> grid_table(at::IntArrayRef grids) {
   }
   table[n] = start;
   return table;
+}
+
+// window_attn_pool and its backward. Returns the shape of the problem.
+inline WindowShape check_window_attn_pool_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        int64_t kh, int64_t kw) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    check_floating(*t, name);
+    TORCH_CHECK(t->dim() == 5, name, " must be [N, H, W, heads, d], got ", t->sizes());
+  }
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "q, k, v must be on one device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(kh > 0 && kw > 0, "window (", kh, ", ", kw, ") must be positive");
+  const WindowShape s{q.size(0), q.size(1), q.size(2), kh, kw, q.size(3), q.size(4)};
+  TORCH_CHECK(s.d > 0, "q must have head size d > 0, got ", q.sizes());
+  TORCH_CHECK(k.size(0) == s.N, "q has N = ", s.N, " but k has N = ", k.size(0));
+  TORCH_CHECK(k.size(3) == s.nh && k.size(4) == s.d, "q has heads, d = ", s.nh, ", ", s.d, " but k has ",
+              k.size(3), ", ", k.size(4));
+  TORCH_CHECK(k.size(1) == s.Hq * kh && k.size(2) == s.Wq * kw, "window (", kh, ", ", kw,
+              ") does not tile: k is ", k.size(1), " x ", k.size(2), " but q ", s.Hq, " x ", s.Wq, " needs ",
+              s.Hq * kh, " x ", s.Wq * kw);
+  return s;
+}
+
+inline void check_window_attn_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
+              "grad_out must match q's dtype and device");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4) && lse.scalar_type() == acc && lse.device() == q.device(),
+              "lse must be ", acc, " [N, Hq, Wq, heads] on q's device, got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 }  // namespace minihires

@@ -5,6 +5,7 @@ compiled extension is missing. The kernels are tested against them.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -87,3 +88,30 @@ def window_attn_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     p = logits.softmax(dim=-1)
     out = torch.einsum("nijht,nijhtd->nijhd", p, vw.to(acc))                       # (N, Hq, Wq, nh, d)
     return out.to(q.dtype)
+
+
+def window_attn_pool_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           window: int | Sequence[int], scale: float | None = None) -> torch.Tensor:
+    """`window_attn_pool` as plain loops over queries and their window's keys (float64).
+
+    Slow (Python loops over every query): only for tiny sizes, to check the vectorised
+    reference above, whose reshape/permute window gathering is the part easy to get wrong.
+    """
+    kh, kw = normalize_window(window)
+    check_window_attn_pool(q, k, v, (kh, kw))
+    n, hq, wq, nh, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(n):
+        for i in range(hq):
+            for j in range(wq):
+                for h in range(nh):
+                    keys = [k64[b, i * kh + a, j * kw + c, h] for a in range(kh) for c in range(kw)]
+                    vals = [v64[b, i * kh + a, j * kw + c, h] for a in range(kh) for c in range(kw)]
+                    logits = [scale * float(q64[b, i, j, h] @ key) for key in keys]
+                    m = max(logits)
+                    weights = [math.exp(x - m) for x in logits]
+                    z = sum(weights)
+                    out[b, i, j, h] = sum(w / z * val for w, val in zip(weights, vals))
+    return out.to(device=q.device, dtype=q.dtype)
