@@ -35,7 +35,11 @@ def median_time(fn: Callable[[], object], device: torch.device | str = "cpu", wa
 
 
 def clone_bandwidth(t: torch.Tensor, **kw) -> float:
-    """GB/s of t.clone() (read + write): the practical limit for a pure copy, same run."""
+    """GB/s of t.clone() (read + write): the practical limit for a pure copy, same run.
+
+    clone() allocates its output as the kernels do, so both pay the same allocation and
+    first-touch cost (large on a CPU, where big buffers come fresh from the OS); the
+    benchmarks measure it before and after the kernels and keep the faster."""
     secs = median_time(lambda: t.clone(), t.device, **kw)
     return 2 * t.numel() * t.element_size() / secs / 1e9
 

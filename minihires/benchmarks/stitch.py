@@ -48,6 +48,7 @@ def run(device: str = "cpu", which: str = "all", dtype: torch.dtype = torch.floa
         for label, fs, fp in cands:
             for op, fn in (("stitch", fs), ("split", fp)):
                 times[label, op] = median_time(fn, device, iters=10 if device == "cpu" else 50)
+        limit = max(limit, clone_bandwidth(x))  # again after the kernels: the faster one is the ceiling
         for (label, op), t in times.items():
             bw = gbps(nbytes, t)
             rows.append([name, f"{n}x{g}x{g}x{C}", op, label, t * 1e3, bw, bw / limit,
