@@ -1,0 +1,107 @@
+"""EntityGrid-QA for training and evaluation: step-indexed batches, batched scoring.
+
+Training data is a pure function of (seed, step, rank): the batch of step t on rank r of
+W is the B samples `entitygrid.stream(start, cfg, r, W)` yields from
+start = seed * SEED_STRIDE + t * B * W. So ranks draw disjoint seeds, no seed is seen
+twice in a run, and a resumed run draws exactly the batches an uninterrupted one would
+(nothing about the data needs saving). Images are rendered once per batch and turned
+into crops once (`model.image_inputs`); at 64 x 64 pixels that costs ~0.5 ms a sample,
+a few percent of a training step, so there is no background loader (ours: simpler and
+deterministic).
+
+Evaluation answers the fixed test split with batched greedy KV-cache generation
+(`HiResLLaVA.generate`) and scores it with `entitygrid.score`.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from . import entitygrid, slicing
+from .config import ModelConfig
+from .model import Batch, HiResLLaVA, collate, image_inputs
+
+SEED_STRIDE = 10_000_000   # training seeds of run seed s start at s * SEED_STRIDE
+MAX_RUN_SEED = entitygrid.TEST_SEED_BASE // SEED_STRIDE - 1   # keeps every stream below the test range
+
+
+def data_config(model_cfg: ModelConfig, **overrides) -> entitygrid.EntityGridConfig:
+    """The EntityGrid-QA canvas for a model: slices of the ViT's image_size, 2 x 2 of them.
+
+    overrides: other EntityGridConfig fields (entity_size, jitter, ...).
+    """
+    return entitygrid.EntityGridConfig(slice_size=model_cfg.vit.image_size, **overrides)
+
+
+def batch_start(seed: int, step: int, batch_size: int, world_size: int = 1) -> int:
+    """First stream seed of training step `step` (0-based) for run seed `seed`."""
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_RUN_SEED:
+        raise ValueError(f"seed must be an int in 0..{MAX_RUN_SEED}, got {seed!r}")
+    if step < 0 or batch_size < 1 or world_size < 1:
+        raise ValueError(f"need step >= 0, batch_size >= 1, world_size >= 1; got "
+                         f"{step}, {batch_size}, {world_size}")
+    return seed * SEED_STRIDE + step * batch_size * world_size
+
+
+def train_samples(seed: int, step: int, batch_size: int, cfg: entitygrid.EntityGridConfig,
+                  rank: int = 0, world_size: int = 1) -> list[entitygrid.Sample]:
+    """The `batch_size` samples of training step `step` on `rank` (see the module doc)."""
+    start = batch_start(seed, step, batch_size, world_size)
+    return list(itertools.islice(entitygrid.stream(start, cfg, rank, world_size), batch_size))
+
+
+def make_batch(samples: Sequence[entitygrid.Sample], tokenizer, model_cfg: ModelConfig) -> Batch:
+    """Samples -> a right-padded training Batch (answers as labels)."""
+    examples = []
+    for s in samples:
+        crops, grid = image_inputs(s.image, model_cfg)                  # (n, 3, S, S), (r, c)
+        ids, labels = tokenizer.chat(s.question, s.answer)
+        examples.append((crops, grid, ids, labels))
+    return collate(examples, tokenizer.pad_id)
+
+
+def max_answer_tokens(tokenizer, cfg: entitygrid.EntityGridConfig) -> int:
+    """The longest answer of the benchmark in tokens, plus one for eos."""
+    return 1 + max(len(tokenizer.encode(a)) for a in entitygrid.answer_vocabulary(cfg))
+
+
+def visual_tokens(model_cfg: ModelConfig, cfg: entitygrid.EntityGridConfig) -> int:
+    """Image tokens the LLM reads for one EntityGrid-QA canvas."""
+    grid = slicing.plan(cfg.width, cfg.height, model_cfg.vit.image_size, model_cfg.max_slices)
+    return slicing.num_image_tokens(grid, model_cfg)
+
+
+@torch.no_grad()
+def predict(model: HiResLLaVA, tokenizer, samples: Sequence, batch_size: int = 128,
+            max_new_tokens: int = 8, autocast_dtype: torch.dtype | None = None,
+            progress=None) -> list[str]:
+    """Greedy answers (KV cache) to each sample's question about its image, in batches.
+
+    samples: `Sample`s (PIL image) or records with "image" (a path) and "question".
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = next(model.parameters()).device
+    get = lambda s, k: s[k] if isinstance(s, dict) else getattr(s, k)   # noqa: E731
+    answers: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            answers += model.generate([get(s, "image") for s in chunk],
+                                      [get(s, "question") for s in chunk], tokenizer,
+                                      max_new_tokens=max_new_tokens)
+        if progress is not None:
+            progress(len(chunk))
+    return answers
+
+
+def evaluate(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig, n: int,
+             batch_size: int = 128, autocast_dtype: torch.dtype | None = None,
+             progress=None) -> tuple[dict, list[str]]:
+    """Score the model on the first n samples of the fixed test split -> (metrics, answers)."""
+    samples = entitygrid.test_split(n, cfg)
+    answers = predict(model, tokenizer, samples, batch_size, max_answer_tokens(tokenizer, cfg),
+                      autocast_dtype, progress)
+    return entitygrid.score(answers, samples), answers

@@ -1,0 +1,401 @@
+"""`python -m minihires train`: HiRes-LLaVA from scratch on EntityGrid-QA, then the test table.
+
+    tokenizer  <- trained in-process on every question and answer text (entitygrid.question_texts)
+    model      <- preset (default tiny) + ablation switches, random init from --seed
+    for step in 0..steps-1:
+        batch  <- step-indexed slice of the on-the-fly stream (data.train_samples)
+        loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
+    metrics    <- greedy KV-cache answers on the fixed test split (data.evaluate)
+
+The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
+pretrained. Budgets are counted in steps, not seconds, so a result does not depend on how
+busy the machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on
+CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes.
+
+Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr), weight
+decay on matrices only, gradient clipping at 1, CPU threads = 1 by default (on a busy
+2-core machine one thread ran ~2-5x faster per step than two: these ops are too small to
+split), bf16 autocast on GPU only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import data
+from .config import PRESETS, ModelConfig, preset
+from .entitygrid import EntityGridConfig, question_texts
+from .model import HiResLLaVA
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on besides the model preset (saved in config.json)."""
+    preset: str = "tiny"
+    steps: int = 1200
+    batch_size: int = 32           # per rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05     # cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    vocab_size: int = 256          # tokenizer pieces (an upper bound)
+    eval_n: int = 540              # test samples; 0 skips the evaluation
+    eval_batch_size: int = 180
+    ckpt_every: int = 200          # steps between resume checkpoints
+    threads: int = 1               # CPU threads (torch.set_num_threads)
+    device: str = "cpu"
+    # ablation switches; None keeps the preset's value
+    use_slices: bool | None = None
+    use_sra: bool | None = None
+    compression: str | None = None
+    overlap: float | None = None
+
+    def validate(self) -> None:
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        for name in ("steps", "batch_size", "eval_batch_size", "ckpt_every", "threads"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 "an int >= 1")
+        need(isinstance(self.eval_n, int) and self.eval_n >= 0, "eval_n", "an int >= 0")
+        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
+             "an int >= 0")
+        need(isinstance(self.seed, int) and 0 <= self.seed <= data.MAX_RUN_SEED, "seed",
+             f"an int in 0..{data.MAX_RUN_SEED}")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(self.compression in (None, "sms", "avg", "none"), "compression",
+             "'sms', 'avg' or 'none'")
+        need(self.overlap is None or 0 <= self.overlap < 1, "overlap", "in [0, 1)")
+        need(self.device == "cpu" or self.device.startswith("cuda"), "device",
+             "'cpu' or 'cuda[:N]'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r} but no CUDA GPU is available")
+
+    def model_config(self) -> ModelConfig:
+        cfg = preset(self.preset)
+        switches = {k: getattr(self, k) for k in ("use_slices", "use_sra", "compression", "overlap")}
+        return dataclasses.replace(cfg, **{k: v for k, v in switches.items() if v is not None})
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    t = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build(tc: TrainConfig) -> tuple[ModelConfig, EntityGridConfig, Tokenizer]:
+    """Model config (paired with the tokenizer), data config and the trained tokenizer."""
+    model_cfg = tc.model_config()
+    data_cfg = data.data_config(model_cfg)
+    tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size)
+    if tokenizer.vocab_size > model_cfg.llama.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
+                         f"llama.vocab_size = {model_cfg.llama.vocab_size}")
+    model_cfg.image_token_index = tokenizer.image_id
+    return model_cfg, data_cfg, tokenizer
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]                         # matrices, embeddings
+    no_decay = [p for p in params if p.dim() < 2]                       # biases, norms, vectors
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=tc.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def param_hash(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal hashes = bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
+          stop_at: int | None = None, progress: bool = True) -> dict | None:
+    """Train (or resume) a run into folder `out`; return its metrics (None if stopped early).
+
+    stop_at: stop after this many steps as an interruption would (checkpoint, no eval).
+    Under torchrun every rank calls this; ranks other than 0 return None.
+    """
+    tc.validate()
+    out = Path(out)
+    rank, world, local_rank = _distributed()
+    device = torch.device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        torch.set_num_threads(tc.threads)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    model_cfg, data_cfg, tokenizer = build(tc)
+    torch.manual_seed(tc.seed)
+    model = HiResLLaVA(model_cfg).to(device)
+    opt = make_optimizer(model, tc)
+    start, train_time, losses = 0, 0.0, []
+    if resume:
+        state = ckpt.load_state(out)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state)
+        start, train_time, losses = state["step"], state["train_time_s"], state["losses"]
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.save_config(out, model_cfg, dataclasses.asdict(tc), data_cfg, tokenizer)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    def save(step: int) -> None:
+        if rank == 0:
+            ckpt.save_state(out, model, opt, step, extra={"train_time_s": train_time,
+                                                          "losses": losses[-100:]})
+            ckpt.save_weights(out, model, step)
+
+    end = tc.steps if stop_at is None else min(tc.steps, stop_at)
+    bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=not progress or rank != 0, desc="train")
+    model.train()
+    step = start
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            samples = data.train_samples(tc.seed, step, tc.batch_size, data_cfg, rank, world)
+            batch = data.make_batch(samples, tokenizer, model_cfg).to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                _, loss = ddp(**batch.kwargs())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            train_time += time.perf_counter() - t0
+            losses.append(loss.item())
+            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                save(step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{lr:.1e}",
+                            samples_s=f"{(step + 1 - start) * tc.batch_size * world / train_time:.0f}")
+        step = end
+    except KeyboardInterrupt:
+        bar.close()
+        save(step)
+        if rank == 0:
+            print(f"\ninterrupted after step {step}; continue with "
+                  f"`python -m minihires train --resume {out}`", file=sys.stderr)
+        raise
+    bar.close()
+    save(step)
+
+    hashes = None
+    if world > 1:                                  # ranks must hold the same weights
+        hashes = [None] * world
+        dist.all_gather_object(hashes, param_hash(model))
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"ranks diverged: parameter hashes {hashes}")
+    if step < tc.steps or rank != 0:
+        if rank == 0:
+            print(f"stopped after step {step} of {tc.steps}; continue with "
+                  f"`python -m minihires train --resume {out}`")
+        return None
+
+    metrics = {"steps": tc.steps, "seed": tc.seed, "batch_size": tc.batch_size,
+               "world_size": world, "samples_seen": tc.steps * tc.batch_size * world,
+               "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+               "visual_tokens": data.visual_tokens(model_cfg, data_cfg),
+               "train_time_s": train_time, "device": str(device), "threads": tc.threads,
+               "preset": tc.preset, "use_slices": model_cfg.use_slices,
+               "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
+               "overlap": model_cfg.overlap, "param_hash": param_hash(model),
+               "rank_param_hashes": hashes}
+    if tc.eval_n:
+        t0 = time.perf_counter()
+        model.eval()
+        with tqdm(total=tc.eval_n, unit="q", desc="eval", dynamic_ncols=True,
+                  disable=not progress) as ebar:
+            scores, _ = data.evaluate(model, tokenizer, data_cfg, tc.eval_n, tc.eval_batch_size,
+                                      autocast, ebar.update)
+        metrics.update(scores, eval_n=tc.eval_n, eval_time_s=time.perf_counter() - t0)
+    metrics["wall_time_s"] = metrics["train_time_s"] + metrics.get("eval_time_s", 0.0)
+    ckpt.write_json(out / ckpt.METRICS, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------- reporting
+
+def _pct(v) -> str:
+    return "   -" if v is None else f"{v:5.1f}"
+
+
+def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
+    """The per-task / seam table that train and eval print."""
+    c = m.get("counts", {})
+    rows = [("overall", m.get("accuracy"), c.get("total")),
+            ("recognition", m.get("recognition"), c.get("recognition")),
+            ("position", m.get("position"), c.get("position")),
+            ("counting", m.get("counting"), c.get("counting")),
+            ("on-seam", m.get("on_seam"), c.get("on_seam")),
+            ("off-seam", m.get("off_seam"), c.get("off_seam"))]
+    lines = [f"{title} (n={m.get('eval_n', c.get('total'))})", f"  {'':<22}{'acc %':>7}{'n':>7}"]
+    lines += [f"  {name:<22}{_pct(acc):>7}{n if n is not None else '-':>7}" for name, acc, n in rows]
+    d = m.get("discrepancy")
+    lines.append(f"  {'discrepancy (off-on)':<22}{'   -' if d is None else f'{d:+5.1f}':>7}  points")
+    lines.append(f"  {'visual tokens / image':<22}{m.get('visual_tokens', '-'):>7}")
+    if "train_time_s" in m:
+        lines.append(f"  {'wall time':<22}{m.get('wall_time_s', 0):>7.0f}  s (train "
+                     f"{m['train_time_s']:.0f} s, {m['steps']} steps x {m['batch_size']}"
+                     f"{' x ' + str(m['world_size']) + ' ranks' if m.get('world_size', 1) > 1 else ''}"
+                     f"; eval {m.get('eval_time_s', 0):.0f} s)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+
+_CONFIG_FLAGS = ("preset", "steps", "batch_size", "lr", "seed", "eval_n", "compression",
+                 "overlap", "use_slices", "use_sra", "warmup_steps", "ckpt_every")
+
+
+def cli_train(argv: list[str]) -> int:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m minihires train",
+        description="Train HiRes-LLaVA from scratch on EntityGrid-QA, then score the test split.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"(default {d.preset})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per step per rank (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
+    p.add_argument("--seed", type=int, default=None, help=f"init and data seed (default {d.seed})")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {d.threads})")
+    p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help=f"test samples to score, 0 = none (default {d.eval_n})")
+    p.add_argument("--ckpt-every", type=int, default=None, help=f"(default {d.ckpt_every})")
+    p.add_argument("--no-slices", dest="use_slices", action="store_const", const=False,
+                   help="ablation: thumbnail only")
+    p.add_argument("--no-sra", dest="use_sra", action="store_const", const=False,
+                   help="ablation: no SliceRestore adapter")
+    p.add_argument("--compression", choices=("sms", "avg", "none"), default=None,
+                   help="token compression per crop (default: the preset's, sms)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="fraction of a slice shared with its neighbour (default 0)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run with its saved configuration")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP steps as an interruption would (resume later)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None]
+        if given or args.out is not None:
+            p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
+        try:
+            run_dir = ckpt.check_run_dir(args.resume, ckpt.CONFIG, ckpt.TOKENIZER, ckpt.STATE)
+            _, saved, _ = ckpt.load_config(run_dir)
+            tc = TrainConfig(**saved)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            p.error(f"--resume: {e}")
+        for k in ("device", "threads"):
+            if getattr(args, k) is not None:
+                setattr(tc, k, getattr(args, k))
+        out = run_dir
+    else:
+        tc = TrainConfig(**{k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
+                            if getattr(args, k) is not None})
+        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        if out.exists() and not out.is_dir():
+            p.error(f"--out {out} exists and is not a folder")
+        if (out / ckpt.CONFIG).exists():
+            p.error(f"--out {out} already holds a run; pass --resume {out} or choose another --out")
+    try:
+        tc.validate()
+    except ValueError as e:
+        p.error(str(e))
+    if args.stop_at is not None and args.stop_at < 1:
+        p.error(f"--stop-at must be >= 1, got {args.stop_at}")
+
+    rank = _distributed()[0]
+    if rank == 0:
+        model_cfg = tc.model_config()
+        print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} samples, "
+              f"lr {tc.lr}, seed {tc.seed}, device {tc.device}"
+              + (f", {tc.threads} thread(s)" if tc.device == "cpu" else "")
+              + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "
+              f"compression={model_cfg.compression} overlap={model_cfg.overlap}")
+    try:
+        metrics = train(tc, out, resume=args.resume is not None, stop_at=args.stop_at,
+                        progress=not args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics is not None:
+        print(results_table(metrics))
+        print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
+    return 0
+
+
+def cli_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m minihires eval",
+                                description="Re-score a run folder on the EntityGrid-QA test split.")
+    p.add_argument("run_dir", help="a folder written by `python -m minihires train`")
+    p.add_argument("--n", type=int, default=None, help="test samples (default: the run's eval_n)")
+    p.add_argument("--batch-size", type=int, default=180)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, cfg = ckpt.load_run(args.run_dir, args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        p.error(str(e))
+    n = cfg["train"].get("eval_n") or 540 if args.n is None else args.n
+    if n < 1 or args.batch_size < 1:
+        p.error(f"--n and --batch-size must be >= 1, got {n} and {args.batch_size}")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
+    t0 = time.perf_counter()
+    scores, _ = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast)
+    scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
+    print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
+    print(f"  eval time {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,68 @@
+"""minihires ask RUN_DIR IMAGE QUESTION on exported EntityGrid-QA test images: one answer
+per question, equal to the batched evaluation's answer; clear errors on bad input."""
+import pytest
+import torch
+
+from minihires import checkpoint as ckpt
+from minihires import data, entitygrid
+from minihires.ask import cli_ask
+from minihires.train import cli_train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ask") / "run"
+    assert cli_train(["--steps", "40", "--batch-size", "8", "--lr", "3e-3", "--eval-n", "0",
+                      "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    assert entitygrid.cli_entitygrid(["--split", "test", "--n", "6", "--out", str(out)]) == 0
+    return out, entitygrid.load_export(out)
+
+
+def test_ask_answers_exported_questions(run, exported, capsys):
+    folder, records = exported
+    capsys.readouterr()
+    answers = []
+    for rec in records:
+        assert cli_ask([str(run), str(folder / rec["image"]), rec["question"],
+                        "--device", "cpu"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and out[0].strip(), f"no answer to {rec['question']!r}"
+        answers.append(out[0].strip())
+    # the same answers as the batched, left-padded evaluation on the same PNG files
+    model, tok, cfg = ckpt.load_run(run)
+    batch = data.predict(model, tok, [dict(r, image=str(folder / r["image"])) for r in records],
+                         batch_size=len(records), max_new_tokens=64)
+    assert answers == batch
+    # and scoring the export's records works on these answers
+    assert entitygrid.score(answers, records)["counts"]["total"] == len(records)
+
+
+def test_ask_bad_inputs(run, exported, tmp_path, capsys):
+    folder, records = exported
+    image = str(folder / records[0]["image"])
+    bogus = tmp_path / "not_an_image.png"
+    bogus.write_text("hello")
+    assert cli_ask([str(run), str(bogus), "What is at the top?", "--device", "cpu"]) == 1
+    assert "not a recognised image format" in capsys.readouterr().err
+    assert cli_ask([str(run), str(tmp_path / "missing.png"), "What?", "--device", "cpu"]) == 1
+    assert "image file not found" in capsys.readouterr().err
+    assert cli_ask([str(tmp_path / "no_run"), image, "What?", "--device", "cpu"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_ask([str(tmp_path), image, "What?", "--device", "cpu"]) == 1
+    assert "lacks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_ask([str(run), image])                          # no question
+    assert "expected RUN_DIR IMAGE QUESTION" in capsys.readouterr().err

@@ -1,0 +1,185 @@
+"""minihires train / eval: run folder, metrics, atomic checkpoints, resume = uninterrupted,
+eval reproduces train's numbers, step-indexed data, the lr schedule, bad input."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minihires import checkpoint as ckpt
+from minihires import data, entitygrid
+from minihires.train import TrainConfig, cli_eval, cli_train, lr_at, param_hash
+
+SMALL = ["--batch-size", "4", "--eval-n", "9", "--quiet"]
+METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "off_seam",
+               "discrepancy", "wall_time_s", "train_time_s", "eval_time_s", "steps", "seed",
+               "visual_tokens", "counts"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A smoke run of 12 steps through the command line."""
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    assert cli_train(["--steps", "12", "--ckpt-every", "5", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_run_folder_contents(run):
+    names = {p.name for p in run.iterdir()}
+    assert names == {ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS}
+    cfg = json.loads((run / ckpt.CONFIG).read_text())
+    assert set(cfg) == {"model", "train", "data"}
+    assert cfg["train"]["steps"] == 12 and cfg["train"]["batch_size"] == 4
+    assert cfg["data"]["slice_size"] == cfg["model"]["vit"]["image_size"]
+    metrics = json.loads((run / ckpt.METRICS).read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["steps"] == 12 and metrics["counts"]["total"] == 9
+    assert metrics["discrepancy"] == pytest.approx(metrics["off_seam"] - metrics["on_seam"])
+    assert torch.load(run / ckpt.STATE, weights_only=True)["step"] == 12
+
+
+def test_weights_match_state_and_metrics(run):
+    model, _, _ = ckpt.load_run(run)
+    state = torch.load(run / ckpt.STATE, weights_only=True)
+    for k, v in load_file(run / ckpt.WEIGHTS).items():
+        assert torch.equal(v, state["model"][k]), k
+    assert param_hash(model) == json.loads((run / ckpt.METRICS).read_text())["param_hash"]
+
+
+def test_eval_reproduces_metrics(run, capsys):
+    saved = json.loads((run / ckpt.METRICS).read_text())
+    model, tok, cfg = ckpt.load_run(run)
+    scores, _ = data.evaluate(model, tok, cfg["data"], saved["eval_n"])
+    for k in ("accuracy", "recognition", "position", "counting", "on_seam", "off_seam"):
+        assert scores[k] == saved[k], k
+    capsys.readouterr()
+    assert cli_eval([str(run)]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  ") and line.split()}
+    for name, key in (("overall", "accuracy"), ("recognition", "recognition"),
+                      ("on-seam", "on_seam"), ("off-seam", "off_seam")):
+        assert rows[name][0] == f"{saved[key]:.1f}", name
+
+
+def test_resume_equals_uninterrupted(tmp_path, capsys):
+    """6 steps straight vs 3 steps, stop, resume 3: bitwise-equal weights and optimizer."""
+    args = ["--steps", "6", "--ckpt-every", "2", "--eval-n", "3", "--batch-size", "4", "--quiet"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli_train([*args, "--out", str(straight)]) == 0
+    assert cli_train([*args, "--out", str(split), "--stop-at", "3"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert torch.load(split / ckpt.STATE, weights_only=True)["step"] == 3
+    assert not (split / ckpt.METRICS).exists()
+    assert cli_train(["--resume", str(split), "--quiet"]) == 0
+    a, b = load_file(straight / ckpt.WEIGHTS), load_file(split / ckpt.WEIGHTS)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(straight / ckpt.STATE, weights_only=True)["optimizer"]["state"]
+    sb = torch.load(split / ckpt.STATE, weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    ma, mb = (json.loads((d / ckpt.METRICS).read_text()) for d in (straight, split))
+    assert ma["param_hash"] == mb["param_hash"] and ma["accuracy"] == mb["accuracy"]
+
+
+def test_different_seeds_differ(tmp_path):
+    outs = [tmp_path / f"s{s}" for s in (0, 1)]
+    for s, out in zip((0, 1), outs):
+        assert cli_train(["--steps", "2", "--seed", str(s), "--eval-n", "0", "--out", str(out),
+                          "--batch-size", "2", "--quiet"]) == 0
+    a, b = (load_file(o / ckpt.WEIGHTS) for o in outs)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.json"
+    ckpt.write_json(path, {"v": 1})
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"v": 2, "trunc')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]      # no temporary file left
+
+
+def test_train_samples_are_step_indexed_and_disjoint():
+    cfg = entitygrid.EntityGridConfig()
+    seen = set()
+    for step in range(3):
+        for rank in range(2):
+            seeds = [s.seed for s in data.train_samples(7, step, 4, cfg, rank, 2)]
+            assert len(seeds) == 4 and not seen & set(seeds)
+            seen |= set(seeds)
+    again = data.train_samples(7, 1, 4, cfg, 1, 2)
+    assert [s.seed for s in again] == [s.seed for s in data.train_samples(7, 1, 4, cfg, 1, 2)]
+    assert not any(entitygrid.is_test_seed(s) for s in seen)
+
+
+def test_lr_schedule():
+    tc = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(1e-4)
+    assert lr_at(9, tc) == pytest.approx(1e-3)
+    assert lr_at(55, tc) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert lr_at(100, tc) == pytest.approx(1e-4)
+    lrs = [lr_at(s, tc) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "steps must be an int >= 1"),
+    (["--batch-size", "-1"], "batch_size must be an int >= 1"),
+    (["--lr", "0"], "lr must be a positive number"),
+    (["--seed", "-3"], "seed must be an int in 0.."),
+    (["--overlap", "1.5"], "overlap must be in [0, 1)"),
+    (["--compression", "max"], "invalid choice"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--eval-n", "-1"], "eval_n must be an int >= 0"),
+    (["--resume", "/nonexistent/run"], "does not exist"),
+    (["--resume", "/nonexistent/run", "--steps", "5"], "drop --steps"),
+    (["--stop-at", "0"], "--stop-at must be >= 1"),
+])
+def test_train_bad_flags(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli_train([*argv, "--out", str(tmp_path / "x")] if "--resume" not in argv else argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_refuses_existing_run_and_cuda_without_gpu(run, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli_train(["--out", str(run), *SMALL])
+    assert "already holds a run" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli_train(["--device", "cuda", "--out", str(tmp_path / "g"), *SMALL])
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_resume_needs_a_train_state(run, tmp_path, capsys):
+    half = tmp_path / "half"
+    half.mkdir()
+    for name in (ckpt.CONFIG, ckpt.TOKENIZER):
+        (half / name).write_bytes((run / name).read_bytes())
+    with pytest.raises(SystemExit):
+        cli_train(["--resume", str(half)])
+    assert ckpt.STATE in capsys.readouterr().err
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_eval([str(tmp_path / "missing")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_eval([str(tmp_path)])
+    assert "lacks config.json" in capsys.readouterr().err
