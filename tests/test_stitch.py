@@ -199,3 +199,31 @@ def test_cuda_v1_v2_and_alignment(dtype):
         big = torch.randn(want.numel() + 1, device="cuda").to(dtype)
         packed = big[1:].view_as(want)
         assert torch.equal(ops.split(packed, grids, 4, 5), ref.split(packed, grids, 4, 5))
+
+
+def test_fallback_without_the_extension():
+    """With minihires._C missing, every op runs its reference twin and one warning says why."""
+    import subprocess
+    import sys
+    code = """
+import sys, warnings
+class Block:  # make `import minihires._C` fail, as on a machine where it was never built
+    def find_spec(self, name, path=None, target=None):
+        if name == "minihires._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch
+import minihires.ops as ops
+from minihires.ops import reference as ref
+assert ops.backend("stitch") == "reference" and ops.backend("window_attn_pool") == "reference"
+x = torch.randn(5, 2, 3, 4)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    p = ops.stitch(x, [(1, 1), (2, 2)])
+    ops.split(p, [(1, 1), (2, 2)], 2, 3)
+assert torch.equal(p, ref.stitch(x, [(1, 1), (2, 2)]))
+assert len(w) == 1 and "pip install --no-build-isolation -e ." in str(w[0].message), [str(m.message) for m in w]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -40,6 +40,15 @@ def has_kernel(op: str, device_type: str) -> bool:
     return KERNELS.get((op, device_type), False)
 
 
+def use_kernel(op: str, t: torch.Tensor) -> bool:
+    """Whether `op` on tensor `t` runs a compiled kernel; warns once when none is built."""
+    if has_kernel(op, t.device.type):
+        return True
+    if not LOADED:
+        warn_fallback()
+    return False
+
+
 def warn_fallback() -> None:
     global _warned
     if not _warned:

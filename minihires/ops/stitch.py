@@ -13,23 +13,16 @@ from typing import Sequence
 import torch
 
 from . import reference
-from ._extension import LOADED, has_kernel, warn_fallback
+from ._extension import LOADED, use_kernel
 from .checks import check_split, check_stitch, flat_grids, normalize_grids, pair_grids
 
-
-def _use_kernel(op: str, t: torch.Tensor) -> bool:
-    if has_kernel(op, t.device.type):
-        return True
-    if not LOADED:
-        warn_fallback()
-    return False
 
 
 def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:
     """slices [N, h, w, C], grids [(r_i, c_i)] -> packed canvases [N*h*w, C]."""
     grids = normalize_grids(grids)
     check_stitch(slices, grids)
-    if _use_kernel("stitch", slices):
+    if use_kernel("stitch", slices):
         return torch.ops.minihires.stitch(slices, flat_grids(grids))
     return reference.stitch(slices, grids)
 
@@ -38,7 +31,7 @@ def split(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: int) 
     """packed canvases [N*h*w, C] -> slices [N, h, w, C]; the inverse of stitch."""
     grids = normalize_grids(grids)
     check_split(packed, grids, h, w)
-    if _use_kernel("split", packed):
+    if use_kernel("split", packed):
         return torch.ops.minihires.split(packed, flat_grids(grids), h, w)
     return reference.split(packed, grids, h, w)
 

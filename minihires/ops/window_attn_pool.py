@@ -20,16 +20,9 @@ from typing import Sequence
 import torch
 
 from . import reference
-from ._extension import LOADED, has_kernel, warn_fallback
+from ._extension import LOADED, use_kernel
 from .checks import check_window_attn_pool, normalize_window
 
-
-def _use_kernel(op: str, t: torch.Tensor) -> bool:
-    if has_kernel(op, t.device.type):
-        return True
-    if not LOADED:
-        warn_fallback()
-    return False
 
 
 def _check_args(q, k, v, window, scale) -> tuple[int, int, float]:
@@ -59,7 +52,7 @@ def window_attn_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     scale defaults to d^-0.5. Returns [N, Hq, Wq, nh, d] in q's dtype.
     """
     kh, kw, scale = _check_args(q, k, v, window, scale)
-    if _use_kernel("window_attn_pool", q):
+    if use_kernel("window_attn_pool", q):
         out, _ = torch.ops.minihires.window_attn_pool(q, k, v, kh, kw, scale)
         return out
     return reference.window_attn_pool(q, k, v, (kh, kw), scale)
