@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import train as T
+from .data import results_table
 
 OVERLAP = 0.25
 VARIANTS = {
@@ -110,7 +111,7 @@ def cli_ablate(argv: list[str]) -> int:
             tc = dataclasses.replace(base, seed=seed, **switches)
             print(f"== {name} (seed {seed}): {tc.steps} steps x {tc.batch_size}", flush=True)
             m = T.train(tc, runs / f"{key}-seed{seed}", progress=not args.quiet)
-            print(T.results_table(m, f"{name}, seed {seed}"), flush=True)
+            print(results_table(m, f"{name}, seed {seed}"), flush=True)
             results.setdefault(key, []).append(m)
     table = markdown_table(results, base, args.seeds)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     parts = {"vision tower": count(model.vision_tower) - sra, "SliceRestore adapters": sra,
              "sampler": count(model.sampler) if hasattr(model, "sampler") else 0,
              "projector + newline": count(model.multi_modal_projector)
-             + (model.image_newline.numel() if hasattr(model, "image_newline") else 0),
+             + sum(getattr(model, n).numel() for n in ("image_newline", "crop_embedding")
+                   if hasattr(model, n)),
              "language model": count(model.language_model)}
     parts["total"] = count(model)
     return parts

@@ -78,6 +78,10 @@ class ModelConfig:
                  0 = the paper's non-overlapping slices.
     image_token_index: the tokenizer's <image> id (HF LLaVA's name); None until a
                  tokenizer is paired with the model (forward can also take it).
+    crop_embedding: add a learned embedding of each crop's place to its tokens: one for
+                 the thumbnail, one per slice row plus one per slice column (ours, not the
+                 paper's; "hires" mode only). Without it the LLM can tell slices apart only
+                 by their order in the sequence.
     """
     vit: ViTConfig = field(default_factory=ViTConfig)
     sra: SRAConfig = field(default_factory=SRAConfig)
@@ -90,6 +94,7 @@ class ModelConfig:
     compression: str = "sms"
     overlap: float = 0.0
     image_token_index: int | None = None
+    crop_embedding: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,10 +121,12 @@ def tiny() -> ModelConfig:
                       sra_layers=(1,)),
         sra=SRAConfig(downsample=2, num_heads=4),
         sms=SMSConfig(window=2, num_heads=4, mlp_ratio=2.0),
-        llama=LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=True),
+        llama=LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=320,
+                          num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
+                          max_position_embeddings=512, rope_theta=200.0,
+                          tie_word_embeddings=True),
         max_slices=4,
+        crop_embedding=True,
     )
 
 

@@ -1,4 +1,4 @@
-"""EntityGrid-QA for training and evaluation: step-indexed batches, batched scoring.
+"""EntityGrid-QA for training and evaluation: step-indexed batches, batched scoring, the table.
 
 Training data is a pure function of (seed, step, rank): the batch of step t on rank r of
 W is the B samples `entitygrid.stream(start, cfg, r, W)` yields from
@@ -105,3 +105,29 @@ def evaluate(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig, n: 
     answers = predict(model, tokenizer, samples, batch_size, max_answer_tokens(tokenizer, cfg),
                       autocast_dtype, progress)
     return entitygrid.score(answers, samples), answers
+
+
+def _pct(v) -> str:
+    return "   -" if v is None else f"{v:5.1f}"
+
+
+def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
+    """The per-task / seam table that train and eval print."""
+    c = m.get("counts", {})
+    rows = [("overall", m.get("accuracy"), c.get("total")),
+            ("recognition", m.get("recognition"), c.get("recognition")),
+            ("position", m.get("position"), c.get("position")),
+            ("counting", m.get("counting"), c.get("counting")),
+            ("on-seam", m.get("on_seam"), c.get("on_seam")),
+            ("off-seam", m.get("off_seam"), c.get("off_seam"))]
+    lines = [f"{title} (n={m.get('eval_n', c.get('total'))})", f"  {'':<22}{'acc %':>7}{'n':>7}"]
+    lines += [f"  {name:<22}{_pct(acc):>7}{n if n is not None else '-':>7}" for name, acc, n in rows]
+    d = m.get("discrepancy")
+    lines.append(f"  {'discrepancy (off-on)':<22}{'   -' if d is None else f'{d:+5.1f}':>7}  points")
+    lines.append(f"  {'visual tokens / image':<22}{m.get('visual_tokens', '-'):>7}")
+    if "train_time_s" in m:
+        lines.append(f"  {'wall time':<22}{m.get('wall_time_s', 0):>7.0f}  s (train "
+                     f"{m['train_time_s']:.0f} s, {m['steps']} steps x {m['batch_size']}"
+                     f"{' x ' + str(m['world_size']) + ' ranks' if m.get('world_size', 1) > 1 else ''}"
+                     f"; eval {m.get('eval_time_s', 0):.0f} s)")
+    return "\n".join(lines)

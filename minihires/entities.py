@@ -16,6 +16,15 @@ only the full-resolution slices show it. What survives downsampling is a faint d
 along the pattern's edges. A nearest-neighbour thumbnail would alias instead: the slicer
 must use an antialiasing filter.
 
+Patterns are printed in canvas coordinates, like a fabric the entity is cut from: (x, y)
+above are canvas pixels, not offsets inside the entity. Every period divides 4, and slices
+start at multiples of S (a multiple of 4), so any 4x4 ViT patch inside an entity shows one
+whole period at the same phase, wherever the entity is jittered and whichever slice it
+falls in. Each class is then a fixed 4x4 stencil that a single patch embedding can tell
+apart. (Our first version anchored patterns at the entity corner and had period-8 classes;
+its tiny model stayed near chance on the class: a patch saw one of several phases, or half
+a period.)
+
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.
 """
@@ -29,15 +38,16 @@ from PIL import Image, ImageDraw
 # class -> (family, phase sequence). Names are plural nouns so that questions read
 # "What is at the top? red stripes", "Where are the red stripes?".
 CLASSES: dict[str, tuple[str, tuple[int, ...]]] = {
-    "bars": ("row", (0,)),                            # vertical 1-px lines
-    "checks": ("row", (0, 1)),                        # 1-px checkerboard
-    "zigzags": ("row", (0, 0, 1, 1)),                 # vertical lines, jog every 2 rows
-    "bricks": ("row", (0, 0, 0, 0, 1, 1, 1, 1)),      # vertical lines, jog every 4 rows
-    "stripes": ("col", (0,)),                         # horizontal 1-px lines
-    "waves": ("col", (0, 0, 1, 1)),                   # horizontal lines, jog every 2 columns
-    "tiles": ("col", (0, 0, 0, 0, 1, 1, 1, 1)),       # horizontal lines, jog every 4 columns
-    "dashes": ("col", (0, 0, 0, 1)),                  # horizontal lines, every 4th pixel off
+    "bars": ("row", (0,)),                  # vertical 1-px lines
+    "checks": ("row", (0, 1)),              # 1-px checkerboard
+    "zigzags": ("row", (0, 0, 1, 1)),       # vertical lines that jog every 2 rows
+    "chevrons": ("row", (0, 1, 1, 0)),      # vertical lines that jog right, then back
+    "bricks": ("row", (0, 0, 0, 1)),        # vertical lines broken every 4th row
+    "stripes": ("col", (0,)),               # horizontal 1-px lines
+    "waves": ("col", (0, 0, 1, 1)),         # horizontal lines that jog every 2 columns
+    "dashes": ("col", (0, 0, 0, 1)),        # horizontal lines broken every 4th column
 }
+PATTERN_PERIOD = 4   # every phase sequence's length divides it (the tiny ViT's patch size)
 
 # Saturated colours on a black background; the 50% blend in the thumbnail keeps them apart.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,7 +66,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
 
 
 def is_lit(cls: str, x: int, y: int) -> bool:
-    """Whether interior pixel (x, y) (0-based, inside the outline) of class `cls` is lit."""
+    """Whether canvas pixel (x, y) is lit when it lies inside an entity of class `cls`."""
     family, phase = CLASSES[cls]
     if family == "row":
         return (x + phase[y % len(phase)]) % 2 == 0
@@ -75,8 +85,8 @@ def draw_entity(draw: ImageDraw.ImageDraw, cls: str, colour: str,
         raise ValueError(f"bbox must be at least 3x3 pixels (outline + interior), got {bbox}")
     rgb = COLOURS[colour]
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=1)  # inclusive corners
-    lit = [(x0 + 1 + x, y0 + 1 + y)
-           for y in range(y1 - y0 - 2) for x in range(x1 - x0 - 2) if is_lit(cls, x, y)]
+    lit = [(x, y) for y in range(y0 + 1, y1 - 1) for x in range(x0 + 1, x1 - 1)
+           if is_lit(cls, x, y)]
     draw.point(lit, fill=rgb)
 
 

@@ -344,7 +344,8 @@ def hires_from_hf(vit_dir, llm_dir, cfg: ModelConfig | None = None,
             if cfg.llama.tie_word_embeddings else None)
     plans = [_plan(vit_dir, targets, CLIP_VISION_KEYS, "vision_tower.", skip),
              _plan(llm_dir, targets, LLAMA_KEYS, "language_model.", tied=tied)]
-    fresh = ("vision_tower.sra.", "sampler.", "multi_modal_projector.", "image_newline")
+    fresh = ("vision_tower.sra.", "sampler.", "multi_modal_projector.", "image_newline",
+             "crop_embedding")
     _check_complete(targets, plans[0][0] + plans[1][0], f"checkpoints {vit_dir} + {llm_dir}",
                     fresh)
     for copies, compares in plans:
@@ -365,6 +366,8 @@ def _init_fresh(model: HiResLLaVA, dtype: torch.dtype, device) -> None:
         model.multi_modal_projector = MultiModalProjector(Dv, Dl)
         if hasattr(model, "image_newline"):
             model.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
+        if hasattr(model, "crop_embedding"):
+            model.crop_embedding = nn.Parameter(torch.randn(model.crop_embedding.shape) * Dl ** -0.5)
     model.to(dtype)
 
 

@@ -160,6 +160,8 @@ class HiResLLaVA(nn.Module):
         self.multi_modal_projector = MultiModalProjector(Dv, Dl)
         if hires:
             self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
+        if hires and cfg.crop_embedding:       # rows: thumbnail, slice row 0.., slice col 0..
+            self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * cfg.max_slices, Dl) * Dl ** -0.5)
         self.language_model = Llama(cfg.llama)
 
     # ------------------------------------------------------------------ vision side
@@ -194,6 +196,8 @@ class HiResLLaVA(nn.Module):
             x = self.sampler(x)                                         # (N, h, h, Dv)
         x = self.multi_modal_projector(x)                               # (N, h, h, Dl)
         h, Dl = x.shape[1], x.shape[-1]
+        if hasattr(self, "crop_embedding"):
+            x = x + self._crop_places(grids, slices_on).to(x.dtype)[:, None, None]
         newline = self.image_newline.to(x.dtype).view(1, Dl)            # (1, Dl)
         thumbs, slices = x[:B].reshape(B, h * h, Dl), x[B:]             # (B, h*h, Dl), (Ns, h, h, Dl)
         out, s = [], 0
@@ -208,6 +212,20 @@ class HiResLLaVA(nn.Module):
             assert seq.shape[0] == self.num_image_tokens((r, c)), "layout != num_image_tokens"
             out.append(seq)
         return out
+
+    def _crop_places(self, grids: list[tuple[int, int]], slices_on: bool) -> torch.Tensor:
+        """[N, Dl]: the crop embedding of every crop, in encode_images' order (thumbnails,
+        then each image's slices in raster order): thumbnail row, or slice row + column."""
+        E, m = self.crop_embedding, self.cfg.max_slices
+        if any(r > m or c > m for r, c in grids):
+            raise ValueError(f"grids {grids} have more than max_slices = {m} rows or columns")
+        thumbs = E[0].expand(len(grids), -1)                            # (B, Dl)
+        if not slices_on:
+            return thumbs
+        rows = [1 + k // c for r, c in grids for k in range(r * c)]
+        cols = [1 + m + k % c for r, c in grids for k in range(r * c)]
+        idx = torch.tensor([rows, cols], device=E.device)               # (2, Ns)
+        return torch.cat([thumbs, E[idx[0]] + E[idx[1]]], 0)            # (B + Ns, Dl)
 
     # ------------------------------------------------------------------ splicing
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -62,7 +62,7 @@ def test_pixels_match_recorded_hash():
 
 
 # recorded with Pillow 13, Python 3.11
-GOLDEN = "41214301963b685f866ba7f0014eb3de06e847e56f32252e25ee6fd43063afaf"
+GOLDEN = "38a5dcef102ace8ccd6d4495386e2702907cceaa27f4be3f4ac72258dedc6729"
 
 
 def test_rng_state_is_local():
@@ -199,8 +199,8 @@ def check_entities(s, cfg):
         assert e.on_seam == (len(slices) > 1)
         # the entity was drawn: outline on all four sides, pattern exact inside
         expect = np.ones((y1 - y0, x1 - x0), bool)
-        expect[1:-1, 1:-1] = [[is_lit(e.cls, x, y) for x in range(x1 - x0 - 2)]
-                              for y in range(y1 - y0 - 2)]
+        expect[1:-1, 1:-1] = [[is_lit(e.cls, x, y) for x in range(x0 + 1, x1 - 1)]
+                              for y in range(y0 + 1, y1 - 1)]
         drawn = np.where(expect[..., None], COLOURS[e.colour], cfg.background)
         assert (img[y0:y1, x0:x1] == drawn).all()
     assert (img[~covered] == cfg.background).all(), "pixels drawn outside entities"
@@ -265,6 +265,31 @@ def test_classes_differ_at_full_resolution_but_not_in_the_thumbnail(resample):
     assert max(ratios) < 0.25 and np.mean(ratios) < 0.12, (max(ratios), np.mean(ratios))
     # the colour survives: red vs blue differ far more in the thumbnail than any two classes
     assert min(colour_gaps) > 5 * max(thumb_gaps), (min(colour_gaps), max(thumb_gaps))
+
+
+def test_each_class_is_one_stencil_in_every_vit_patch():
+    """Patterns are printed in canvas coordinates with a period dividing 4, so every 4x4
+    patch (of the tiny ViT, patches start at multiples of 4 in each slice) that lies inside
+    an entity's interior shows the same stencil, whatever the jitter and the slice; the
+    eight classes give eight different stencils."""
+    from minihires.entities import PATTERN_PERIOD
+    P = PATTERN_PERIOD
+    assert CFG.slice_size % P == 0
+    assert all(P % len(phase) == 0 for _, phase in CLASSES.values())
+    stencils = {}
+    for cls in CLASSES:
+        seen = set()
+        for position, dx, dy in [("top left", 0, 0), ("center", 1, -2), ("bottom right", -1, 2),
+                                 ("top", 2, 1)]:
+            e = place(cls, "green", position, CFG, dx, dy)
+            lit = (np.asarray(render([e], CFG)) == COLOURS["green"]).all(-1)
+            x0, y0, x1, y1 = e.bbox
+            for py in range(-(-(y0 + 1) // P) * P, y1 - 1 - P + 1, P):
+                for px in range(-(-(x0 + 1) // P) * P, x1 - 1 - P + 1, P):
+                    seen.add(lit[py:py + P, px:px + P].tobytes())
+        assert len(seen) == 1, f"{cls}: {len(seen)} different patches"
+        stencils[cls] = seen.pop()
+    assert len(set(stencils.values())) == len(CLASSES)
 
 
 # ------------------------------------------------------------------------ scoring

@@ -75,7 +75,7 @@ def test_stage_shapes_mixed_grids(tok):
         h.remove()
     assert seen["vision_tower"] == (n_crops, 1 + 8 * 8, 64)        # g = 8, CLS + 64 patches
     assert seen["sampler"] == (n_crops, 4, 4, 64)                  # window 2
-    assert seen["multi_modal_projector"] == (n_crops, 4, 4, 96)    # LLM width
+    assert seen["multi_modal_projector"] == (n_crops, 4, 4, cfg.llama.hidden_size)  # LLM width
     text_len = batch.attention_mask.sum(1)
     L = max(int(t) - 1 + slicing.num_image_tokens(g, cfg) for t, g in zip(text_len, SIZES))
     assert logits.shape == (4, L, cfg.llama.vocab_size)
@@ -86,6 +86,7 @@ ABLATIONS = {
     "hires-sms": {}, "avg": dict(compression="avg"), "none": dict(compression="none"),
     "no-sra": dict(use_sra=False), "thumbnail-only": dict(use_slices=False),
     "overlap": dict(overlap=0.25), "llava15": dict(mode="llava15"),
+    "no-crop-embedding": dict(crop_embedding=False),
 }
 
 
@@ -121,8 +122,10 @@ def test_num_image_tokens_equals_spliced(tok, ablation):
 
 def test_layout_matches_per_image_assembly(tok):
     """Batched encoding (mixed grids in one ViT batch) == each image alone, assembled by hand:
-    thumbnail, newline, then per slice row its slices' tokens and a newline."""
+    thumbnail, newline, then per slice row its slices' tokens and a newline; every crop's
+    tokens carry its crop embedding (thumbnail, or slice row + slice column)."""
     cfg = make_cfg(tok)
+    assert cfg.crop_embedding
     m = model_for(cfg)
     images = mixed_images()
     batch = prepare(images, QUESTIONS, tok, cfg)
@@ -131,11 +134,12 @@ def test_layout_matches_per_image_assembly(tok):
         for b, img in enumerate(images):
             crops, (r, c) = image_inputs(img, cfg)
             feats = m.vision_tower(crops, [(r, c)])[:, 1:].reshape(-1, 8, 8, 64)  # (1 + r*c, g, g, Dv)
-            tok_ = m.multi_modal_projector(m.sampler(feats)).reshape(1 + r * c, 16, 96)
+            Dl, E, M = cfg.llama.hidden_size, m.crop_embedding, cfg.max_slices
+            tok_ = m.multi_modal_projector(m.sampler(feats)).reshape(1 + r * c, 16, Dl)
             nl = m.image_newline[None]
-            parts = [tok_[0], nl]
+            parts = [tok_[0] + E[0], nl]
             for i in range(r):
-                parts += [tok_[1 + i * c + j] for j in range(c)] + [nl]
+                parts += [tok_[1 + i * c + j] + E[1 + i] + E[1 + M + j] for j in range(c)] + [nl]
             torch.testing.assert_close(got[b], torch.cat(parts), atol=1e-5, rtol=1e-5)
 
 

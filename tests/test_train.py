@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from minihires import checkpoint as ckpt
 from minihires import data, entitygrid
-from minihires.train import TrainConfig, cli_eval, cli_train, lr_at, param_hash
+from minihires.model import HiResLLaVA
+from minihires.train import (TrainConfig, build, cli_eval, cli_train, lr_at, make_optimizer,
+                             param_hash)
 
 SMALL = ["--batch-size", "4", "--eval-n", "9", "--quiet"]
 METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "off_seam",
@@ -136,10 +138,42 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_vision_lr_scale_applies_to_the_vit_encoder_only():
+    """The ViT's embeddings and blocks learn at lr * vision_lr_scale; the SliceRestore
+    adapters, sampler, projector, crop embedding and LLM at lr; one step moves them so."""
+    tc = TrainConfig(steps=1, warmup_steps=0, lr=1e-2, vision_lr_scale=0.0)
+    cfg, _, _ = build(tc)
+    model = HiResLLaVA(cfg)
+    opt = make_optimizer(model, tc)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(scale) == len(trainable)                                 # each one, once
+    for name, p in trainable:
+        encoder = name.startswith("vision_tower.") and not name.startswith("vision_tower.sra.")
+        assert scale[id(p)] == (0.0 if encoder else 1.0), name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    for g in opt.param_groups:
+        g["lr"] = tc.lr * g["lr_scale"]
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "vision_tower.embeddings.patch_embedding.weight" not in moved
+    assert {"vision_tower.sra.1.proj.weight", "crop_embedding",
+            "multi_modal_projector.linear_1.weight"} <= moved
+
+
+def test_crop_embedding_switch():
+    assert TrainConfig().model_config().crop_embedding                 # the tiny preset's
+    cfg = TrainConfig(crop_embedding=False).model_config()
+    assert not cfg.crop_embedding and not hasattr(HiResLLaVA(cfg), "crop_embedding")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "steps must be an int >= 1"),
     (["--batch-size", "-1"], "batch_size must be an int >= 1"),
     (["--lr", "0"], "lr must be a positive number"),
+    (["--vision-lr-scale", "-1"], "vision_lr_scale must be a number >= 0"),
     (["--seed", "-3"], "seed must be an int in 0.."),
     (["--overlap", "1.5"], "overlap must be in [0, 1)"),
     (["--compression", "max"], "invalid choice"),
