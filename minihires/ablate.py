@@ -63,7 +63,7 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
     lines.append("")
     lines.append(f"EntityGrid-QA test split, n={tc.eval_n}; accuracy in %, discrepancy = off-seam "
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
-                 f"{tc.batch_size} samples, lr {tc.lr}, seeds {', '.join(map(str, seeds))}"
+                 f"{tc.batch_size} samples, lr {tc.lr} (ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     return "\n".join(lines)
 
