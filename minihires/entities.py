@@ -21,9 +21,8 @@ above are canvas pixels, not offsets inside the entity. Every period divides 4, 
 start at multiples of S (a multiple of 4), so any 4x4 ViT patch inside an entity shows one
 whole period at the same phase, wherever the entity is jittered and whichever slice it
 falls in. Each class is then a fixed 4x4 stencil that a single patch embedding can tell
-apart. (Our first version anchored patterns at the entity corner and had period-8 classes;
-its tiny model stayed near chance on the class: a patch saw one of several phases, or half
-a period.)
+apart. (Our first version anchored patterns at the entity corner and had period-8 classes,
+so one class could look several ways in a patch, or show only half its period there.)
 
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.

@@ -13,8 +13,10 @@ use_sra=False, compression in {"sms", "avg", "none"}, overlap, and mode="llava15
 the only place the image-token count is computed; `encode_images` asserts it.
 
 Choices that are ours: the newline embedding follows slice rows (not every token row, as
-LLaVA-NeXT does); a 1x1 grid still adds its one slice (see `slicing`); the loss is the mean
-over all answer tokens of the batch (eos included); the projector is LLaVA-1.5's.
+LLaVA-NeXT does); the optional crop embedding (`cfg.crop_embedding`: a learned vector per
+crop place, thumbnail or slice row + slice column, added to that crop's tokens); a 1x1 grid
+still adds its one slice (see `slicing`); the loss is the mean over all answer tokens of the
+batch (eos included); the projector is LLaVA-1.5's.
 
 Parameter names follow HF LLaVA(-NeXT): `vision_tower`, `multi_modal_projector.linear_1/2`,
 `image_newline`, `language_model`. Submodules that an ablation does not use are not built,
