@@ -38,6 +38,23 @@ def pytest_runtest_setup(item):
                     f"(build with CUDA: pip install --no-build-isolation -e .; load error: {LOAD_ERROR})")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    """`train` and `ablate` set torch's CPU thread count (--threads); every test module
+    gets back the count it started with, whatever its fixtures and tests ran."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: one thread is several times faster than two on a busy 2-core machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def poison():
     """Every fresh allocation (torch.empty, at::empty in the kernels) is filled with NaN, so

@@ -3,16 +3,8 @@ variant's own run; bad arguments are clear errors."""
 import json
 
 import pytest
-import torch
 
 from minihires.ablate import VARIANTS, cli_ablate
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_variants_two_seeds(tmp_path, capsys):

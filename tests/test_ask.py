@@ -1,19 +1,11 @@
 """minihires ask RUN_DIR IMAGE QUESTION on exported EntityGrid-QA test images: one answer
 per question, equal to the batched evaluation's answer; clear errors on bad input."""
 import pytest
-import torch
 
 from minihires import checkpoint as ckpt
 from minihires import data, entitygrid
 from minihires.ask import cli_ask
 from minihires.train import cli_train
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

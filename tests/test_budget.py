@@ -22,12 +22,7 @@ NEXT_SIZES = [(672, 672), (1344, 896), (896, 1344), (1008, 336), (336, 1008), (5
               (1000, 200), (224, 224), (4000, 3000), (799, 601), (1920, 1080), (300, 900)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT

@@ -17,13 +17,7 @@ SIZES = {(1, 1): (20, 20), (1, 3): (100, 30), (2, 2): (64, 64), (3, 2): (64, 96)
 QUESTIONS = ["What colour is the box?", "Where is the box?", "Is it big?", "What is at the top?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

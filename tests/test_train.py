@@ -19,13 +19,6 @@ METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "of
                "visual_tokens", "counts"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A smoke run of 12 steps through the command line."""
