@@ -364,10 +364,7 @@ def _init_fresh(model: HiResLLaVA, dtype: torch.dtype, device) -> None:
         if hasattr(model, "sampler"):
             model.sampler = build_sampler(cfg.compression, Dv, cfg.sms)
         model.multi_modal_projector = MultiModalProjector(Dv, Dl)
-        if hasattr(model, "image_newline"):
-            model.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
-        if hasattr(model, "crop_embedding"):
-            model.crop_embedding = nn.Parameter(torch.randn(model.crop_embedding.shape) * Dl ** -0.5)
+        model.init_image_embeddings()
     model.to(dtype)
 
 

@@ -160,11 +160,19 @@ class HiResLLaVA(nn.Module):
         if hires and cfg.compression != "none":
             self.sampler = build_sampler(cfg.compression, Dv, cfg.sms)
         self.multi_modal_projector = MultiModalProjector(Dv, Dl)
-        if hires:
-            self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
-        if hires and cfg.crop_embedding:       # rows: thumbnail, slice row 0.., slice col 0..
-            self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * cfg.max_slices, Dl) * Dl ** -0.5)
+        self.init_image_embeddings()
         self.language_model = Llama(cfg.llama)
+
+    def init_image_embeddings(self) -> None:
+        """(Re)create the learned image embeddings the config asks for ("hires" mode only):
+        `image_newline` [Dl] and `crop_embedding` [1 + 2 * max_slices, Dl] (rows: thumbnail,
+        slice row 0.., slice column 0..). No pretrained checkpoint holds them (`hf`)."""
+        cfg, Dl = self.cfg, self.cfg.llama.hidden_size
+        if cfg.mode != "hires":
+            return
+        self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
+        if cfg.crop_embedding:
+            self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * cfg.max_slices, Dl) * Dl ** -0.5)
 
     # ------------------------------------------------------------------ vision side
     def num_image_tokens(self, grid: tuple[int, int]) -> int:
