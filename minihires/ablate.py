@@ -63,7 +63,8 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
     lines.append("")
     lines.append(f"EntityGrid-QA test split, n={tc.eval_n}; accuracy in %, discrepancy = off-seam "
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
-                 f"{tc.batch_size} samples, lr {tc.lr} (ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
+                 f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
+                 f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     return "\n".join(lines)
 
@@ -75,6 +76,8 @@ def cli_ablate(argv: list[str]) -> int:
                                             "print the table.")
     p.add_argument("--steps", type=int, default=d.steps, help=f"steps per variant (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--turns", type=int, default=d.turns, help=f"questions per training image "
+                   f"(default {d.turns})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
@@ -82,7 +85,8 @@ def cli_ablate(argv: list[str]) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants (default all, in table order)")
     p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads per run (default: torch's, one per core)")
     p.add_argument("--runs", default=None,
                    help="folder for the variants' run folders (default runs/ablate-<timestamp>)")
     p.add_argument("--out", default=None, help="write the Markdown table here (default RUNS/ablation.md)")
@@ -93,7 +97,8 @@ def cli_ablate(argv: list[str]) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds has duplicates: {args.seeds}")
     base = T.TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, eval_n=args.eval_n, device=args.device, threads=args.threads)
+                         turns=args.turns, lr=args.lr, eval_n=args.eval_n, device=args.device,
+                         threads=args.threads)
     try:
         for s in args.seeds:
             dataclasses.replace(base, seed=s).validate()

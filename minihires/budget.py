@@ -158,7 +158,7 @@ def budget(width: int, height: int, cfg: ModelConfig, prompt: int = PROMPT_TOKEN
                     connector_flops(base, crops, crops * g * g)))     # projected before unpad
     n_hi, grid = hires_tokens(width, height, cfg)
     crops = 1 + grid[0] * grid[1] if uses_slices(cfg) else 1
-    h = g // cfg.sms.window if cfg.compression in ("sms", "avg") else g
+    h = slicing.tokens_per_side(cfg)
     rows.append(row("HiRes-LLaVA", f"{grid[0]}x{grid[1]}", crops, n_hi,
                     vit_flops(cfg.vit, crops) + sra_flops(cfg, grid),
                     connector_flops(cfg, crops, crops * h * h)))
@@ -210,7 +210,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     parts = {"vision tower": count(model.vision_tower) - sra, "SliceRestore adapters": sra,
              "sampler": count(model.sampler) if hasattr(model, "sampler") else 0,
              "projector + newline": count(model.multi_modal_projector)
-             + sum(getattr(model, n).numel() for n in ("image_newline", "crop_embedding")
+             + sum(getattr(model, n).numel() for n in ("image_newline", "crop_embedding",
+                                                         "crop_grid_embedding")
                    if hasattr(model, n)),
              "language model": count(model.language_model)}
     parts["total"] = count(model)

@@ -78,10 +78,11 @@ class ModelConfig:
                  0 = the paper's non-overlapping slices.
     image_token_index: the tokenizer's <image> id (HF LLaVA's name); None until a
                  tokenizer is paired with the model (forward can also take it).
-    crop_embedding: add a learned embedding of each crop's place to its tokens: one for
-                 the thumbnail, one per slice row plus one per slice column (ours, not the
-                 paper's; "hires" mode only). Without it the LLM can tell slices apart only
-                 by their order in the sequence.
+    crop_embedding: add learned embeddings of each visual token's place: its crop's (one
+                 for the thumbnail, one per slice row plus one per slice column) and its
+                 place in the crop's h x h token grid (ours, not the paper's; "hires" mode
+                 only). Without them the LLM can tell slices and places apart only by their
+                 order in the sequence.
     """
     vit: ViTConfig = field(default_factory=ViTConfig)
     sra: SRAConfig = field(default_factory=SRAConfig)

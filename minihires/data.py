@@ -4,7 +4,15 @@ Training data is a pure function of (seed, step, rank): the batch of step t on r
 W is the B samples `entitygrid.stream(start, cfg, r, W)` yields from
 start = seed * SEED_STRIDE + t * B * W. So ranks draw disjoint seeds, no seed is seen
 twice in a run, and a resumed run draws exactly the batches an uninterrupted one would
-(nothing about the data needs saving). Images are rendered once per batch and turned
+(nothing about the data needs saving).
+
+Each training image comes as a conversation of up to `turns` questions (LLaVA-Instruct
+style, one sequence): the sample's own question first, as the test asks it, then other
+questions the same image answers (`entitygrid.questions_about`) in an order fixed by the
+sample's seed. The image is encoded once for all of them, so extra turns add supervision
+for a few text tokens each (ours; measured in README). A later turn can repeat what an
+earlier answer said (after "What is at the top? red stripes", "Where are the red stripes?"
+needs no image); the first turn, the one the test scores, never can. Images are rendered once per batch and turned
 into crops once (`model.image_inputs`); at 64 x 64 pixels that costs ~0.5 ms a sample,
 a few percent of a training step, so there is no background loader (ours: simpler and
 deterministic).
@@ -15,6 +23,7 @@ Evaluation answers the fixed test split with batched greedy KV-cache generation
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Sequence
 
 import torch
@@ -52,12 +61,25 @@ def train_samples(seed: int, step: int, batch_size: int, cfg: entitygrid.EntityG
     return list(itertools.islice(entitygrid.stream(start, cfg, rank, world_size), batch_size))
 
 
-def make_batch(samples: Sequence[entitygrid.Sample], tokenizer, model_cfg: ModelConfig) -> Batch:
-    """Samples -> a right-padded training Batch (answers as labels)."""
+def conversation(sample: entitygrid.Sample, turns: int,
+                 cfg: entitygrid.EntityGridConfig | None = None) -> list[tuple[str, str]]:
+    """The (question, answer) turns of a training sample: its own first, then up to
+    turns - 1 others about the same image, drawn without repeats by the sample's seed."""
+    if not isinstance(turns, int) or turns < 1:
+        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+    others = [(q, a) for q, a, _ in entitygrid.questions_about(sample.entities, cfg)
+              if q != sample.question]
+    random.Random(f"conversation {sample.seed}").shuffle(others)   # not the sample's own draws
+    return [(sample.question, sample.answer)] + others[:turns - 1]
+
+
+def make_batch(samples: Sequence[entitygrid.Sample], tokenizer, model_cfg: ModelConfig,
+               turns: int = 1, cfg: entitygrid.EntityGridConfig | None = None) -> Batch:
+    """Samples -> a right-padded training Batch (answers as labels), `turns` questions per image."""
     examples = []
     for s in samples:
         crops, grid = image_inputs(s.image, model_cfg)                  # (n, 3, S, S), (r, c)
-        ids, labels = tokenizer.chat(s.question, s.answer)
+        ids, labels = tokenizer.conversation(conversation(s, turns, cfg))
         examples.append((crops, grid, ids, labels))
     return collate(examples, tokenizer.pad_id)
 

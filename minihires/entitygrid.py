@@ -40,6 +40,9 @@ from minihires.entities import CLASSES, COLOURS, POSITIONS, Entity, place, rende
 TASKS = ("recognition", "position", "counting")
 POSITION_NAMES = tuple(POSITIONS)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+RECOGNITION_Q = "What is at the {position}?"          # -> "{colour} {cls}"
+POSITION_Q = "Where are the {colour} {cls}?"         # -> position name
+COUNTING_Q = "How many entities have {cls}?"         # -> number word
 TEST_SEED_BASE = 2**40     # test seeds: [TEST_SEED_BASE, TEST_SEED_BASE + TEST_SEED_SPAN)
 TEST_SEED_SPAN = 2**24
 
@@ -157,7 +160,7 @@ def _specs(rng: random.Random, cfg: EntityGridConfig, task: str, anchor: str):
         distractors = [c for c in classes if c != cls]
         specs = [(cls if i < k else rng.choice(distractors), rng.choice(colours), p)
                  for i, p in enumerate(places)]
-        return specs, range(k), f"How many entities have {cls}?", NUMBER_WORDS[k]
+        return specs, range(k), COUNTING_Q.format(cls=cls), NUMBER_WORDS[k]
     n = rng.randint(1, cfg.max_entities)
     target = (rng.choice(classes), rng.choice(colours), anchor)
     specs = [target]
@@ -171,8 +174,8 @@ def _specs(rng: random.Random, cfg: EntityGridConfig, task: str, anchor: str):
                 spec = (rng.choice(classes), rng.choice(colours), p)
             specs.append(spec)
     if task == "recognition":
-        return specs, [0], f"What is at the {anchor}?", f"{target[1]} {target[0]}"
-    return specs, [0], f"Where are the {target[1]} {target[0]}?", anchor
+        return specs, [0], RECOGNITION_Q.format(position=anchor), f"{target[1]} {target[0]}"
+    return specs, [0], POSITION_Q.format(colour=target[1], cls=target[0]), anchor
 
 
 def sample(seed: int, cfg: EntityGridConfig | None = None) -> Sample:
@@ -194,6 +197,27 @@ def sample(seed: int, cfg: EntityGridConfig | None = None) -> Sample:
     return Sample(image=render(entities, cfg), question=question, answer=answer, task=task,
                   on_seam=any(entities[t].on_seam for t in targets), entities=entities,
                   targets=targets, seed=seed)
+
+
+def questions_about(entities: Sequence[Entity], cfg: EntityGridConfig | None = None
+                    ) -> list[tuple[str, str, str]]:
+    """Every benchmark question an image of these entities answers: (question, answer, task).
+
+    Recognition for each entity, position for each entity no other shares colour and class
+    with, counting for each class present at most cfg.max_count times (so every answer is
+    in `answer_vocabulary(cfg)`). Training conversations draw extra turns from
+    these (`minihires.data.conversation`); the test split asks one question per image.
+    """
+    cfg = _config(cfg)
+    pairs = [(e.colour, e.cls) for e in entities]
+    counts = {c: sum(e.cls == c for e in entities) for c in dict.fromkeys(e.cls for e in entities)}
+    out = [(RECOGNITION_Q.format(position=e.position), f"{e.colour} {e.cls}", "recognition")
+           for e in entities]
+    out += [(POSITION_Q.format(colour=e.colour, cls=e.cls), e.position, "position")
+            for e in entities if pairs.count((e.colour, e.cls)) == 1]
+    out += [(COUNTING_Q.format(cls=c), NUMBER_WORDS[k], "counting")
+            for c, k in counts.items() if k <= cfg.max_count]
+    return out
 
 
 def stream(start_seed: int = 0, cfg: EntityGridConfig | None = None,
@@ -249,9 +273,9 @@ def answer_vocabulary(cfg: EntityGridConfig | None = None) -> list[str]:
 
 def question_texts(cfg: EntityGridConfig | None = None) -> Iterator[str]:
     """Every possible question, then every answer: the tokenizer's training text."""
-    yield from (f"What is at the {p}?" for p in POSITIONS)
-    yield from (f"Where are the {colour} {cls}?" for cls in CLASSES for colour in COLOURS)
-    yield from (f"How many entities have {cls}?" for cls in CLASSES)
+    yield from (RECOGNITION_Q.format(position=p) for p in POSITIONS)
+    yield from (POSITION_Q.format(colour=colour, cls=cls) for cls in CLASSES for colour in COLOURS)
+    yield from (COUNTING_Q.format(cls=cls) for cls in CLASSES)
     yield from answer_vocabulary(cfg)
 
 

@@ -14,7 +14,8 @@ the only place the image-token count is computed; `encode_images` asserts it.
 
 Choices that are ours: the newline embedding follows slice rows (not every token row, as
 LLaVA-NeXT does); the optional crop embedding (`cfg.crop_embedding`: a learned vector per
-crop place, thumbnail or slice row + slice column, added to that crop's tokens); a 1x1 grid
+crop place, thumbnail or slice row + slice column, added to that crop's tokens, plus one per
+token place in the crop's h x h grid, so each visual token says where it lies); a 1x1 grid
 still adds its one slice (see `slicing`); the loss is the mean over all answer tokens of the
 batch (eos included); the projector is LLaVA-1.5's.
 
@@ -165,14 +166,18 @@ class HiResLLaVA(nn.Module):
 
     def init_image_embeddings(self) -> None:
         """(Re)create the learned image embeddings the config asks for ("hires" mode only):
-        `image_newline` [Dl] and `crop_embedding` [1 + 2 * max_slices, Dl] (rows: thumbnail,
-        slice row 0.., slice column 0..). No pretrained checkpoint holds them (`hf`)."""
+        `image_newline` [Dl]; with cfg.crop_embedding, `crop_embedding` [1 + 2 * max_slices, Dl]
+        (rows: thumbnail, slice row 0.., slice column 0..) and `crop_grid_embedding` [h, h, Dl]
+        (a token's place in its crop's h x h grid, shared by all crops). No pretrained
+        checkpoint holds them (`hf`)."""
         cfg, Dl = self.cfg, self.cfg.llama.hidden_size
         if cfg.mode != "hires":
             return
         self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
         if cfg.crop_embedding:
             self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * cfg.max_slices, Dl) * Dl ** -0.5)
+            h = slicing.tokens_per_side(cfg)
+            self.crop_grid_embedding = nn.Parameter(torch.randn(h, h, Dl) * Dl ** -0.5)
 
     # ------------------------------------------------------------------ vision side
     def num_image_tokens(self, grid: tuple[int, int]) -> int:
@@ -206,8 +211,9 @@ class HiResLLaVA(nn.Module):
             x = self.sampler(x)                                         # (N, h, h, Dv)
         x = self.multi_modal_projector(x)                               # (N, h, h, Dl)
         h, Dl = x.shape[1], x.shape[-1]
-        if hasattr(self, "crop_embedding"):
+        if hasattr(self, "crop_embedding"):                             # where: which crop, where in it
             x = x + self._crop_places(grids, slices_on).to(x.dtype)[:, None, None]
+            x = x + self.crop_grid_embedding.to(x.dtype)                # (N, h, h, Dl) + (h, h, Dl)
         newline = self.image_newline.to(x.dtype).view(1, Dl)            # (1, Dl)
         thumbs, slices = x[:B].reshape(B, h * h, Dl), x[B:]             # (B, h*h, Dl), (Ns, h, h, Dl)
         out, s = [], 0

@@ -71,6 +71,12 @@ def plan(width: int, height: int, slice_size: int, max_slices: int) -> Grid:
     return min(candidates, key=key)
 
 
+def tokens_per_side(cfg: "ModelConfig") -> int:
+    """h: a crop's tokens per side after compression (g/k with "sms"/"avg", g with "none")."""
+    g = cfg.vit.image_size // cfg.vit.patch_size
+    return g // cfg.sms.window if cfg.compression in ("sms", "avg") else g
+
+
 def num_image_tokens(grid: Grid, cfg: "ModelConfig") -> int:
     """How many embeddings one image with slicing `grid` puts into the LLM's sequence.
 
@@ -83,7 +89,7 @@ def num_image_tokens(grid: Grid, cfg: "ModelConfig") -> int:
     g = cfg.vit.image_size // cfg.vit.patch_size
     if cfg.mode == "llava15":
         return g * g
-    h = g // cfg.sms.window if cfg.compression in ("sms", "avg") else g
+    h = tokens_per_side(cfg)
     n = h * h + 1
     if cfg.use_slices:
         r, c = grid

@@ -13,14 +13,17 @@ Two ways to get one:
 
 The chat template (LLaVA-1.5's, one line): "USER: <image>\\n{question} ASSISTANT: {answer}</s>".
 `chat(q)` is the generation prompt; `chat(q, a)` extends exactly those ids with the answer's,
-so training and generation see the same prompt tokens.
+so training and generation see the same prompt tokens. `conversation([(q1, a1), (q2, a2), ...])`
+is a multi-turn training text about one image, LLaVA-1.5's "...{a1}</s>USER: {q2} ASSISTANT:
+{a2}</s>..." (each later turn encoded on its own, so its first piece carries sentencepiece's
+dummy-prefix space; ours).
 """
 from __future__ import annotations
 
 import io
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -33,6 +36,7 @@ IGNORE_INDEX = -100  # label of tokens the loss skips (F.cross_entropy's default
 MIN_BYTE_FALLBACK_VOCAB = 512
 
 _PROMPT = "USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:"
+_TURN = "USER: {question} ASSISTANT:"         # a later turn of a conversation: no image
 
 
 def _varint(n: int) -> bytes:
@@ -188,14 +192,7 @@ class Tokenizer:
         """(ids, labels) of "USER: <image>\\n{question} ASSISTANT:" with bos, then, when an
         answer is given, " {answer}</s>". labels are IGNORE_INDEX except the answer and eos
         (labels[t] is the target of position t; the shift happens in the loss)."""
-        for name, text in (("question", question), ("answer", answer)):
-            if text is None and name == "answer":
-                continue
-            if not isinstance(text, str):
-                raise TypeError(f"{name} must be str, got {type(text).__name__}")
-            if IMAGE_TOKEN in text:
-                raise ValueError(f"{name} must not contain {IMAGE_TOKEN!r}: the template has "
-                                 f"the only one; got {text!r}")
+        _check_turn(question, answer, 0, answer_required=False)
         ids = self.encode(_PROMPT.format(question=question), bos=True)
         labels = [IGNORE_INDEX] * len(ids)
         if answer is not None:
@@ -204,3 +201,35 @@ class Tokenizer:
             target = self.encode(answer, eos=True)
             ids, labels = ids + target, labels + target
         return ids, labels
+
+    def conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of several questions and answers about one image: turn 0 is
+        `chat(q, a)`, each later turn appends "USER: {q} ASSISTANT:" (unlabelled) and
+        " {a}</s>" (labelled). One turn gives exactly `chat(q, a)`."""
+        turns = list(turns)
+        if not turns:
+            raise ValueError("a conversation needs at least one (question, answer) turn")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, (tuple, list)) or len(turn) != 2:
+                raise TypeError(f"turn {i} must be a (question, answer) pair, got {turn!r}")
+            _check_turn(*turn, i, answer_required=True)
+        ids, labels = self.chat(*turns[0])
+        for question, answer in turns[1:]:
+            prompt = self.encode(_TURN.format(question=question))
+            target = self.encode(answer, eos=True)
+            ids = ids + prompt + target
+            labels = labels + [IGNORE_INDEX] * len(prompt) + target
+        return ids, labels
+
+
+def _check_turn(question, answer, i: int, answer_required: bool) -> None:
+    """Questions and answers are strings without "<image>" (the template holds the only one)."""
+    where = f" (turn {i})" if i else ""
+    for name, text in (("question", question), ("answer", answer)):
+        if text is None and name == "answer" and not answer_required:
+            continue
+        if not isinstance(text, str):
+            raise TypeError(f"{name}{where} must be str, got {type(text).__name__}")
+        if IMAGE_TOKEN in text:
+            raise ValueError(f"{name}{where} must not contain {IMAGE_TOKEN!r}: the template has "
+                             f"the only one; got {text!r}")

@@ -3,7 +3,8 @@
     tokenizer  <- trained in-process on every question and answer text (entitygrid.question_texts)
     model      <- preset (default tiny) + ablation switches, random init from --seed
     for step in 0..steps-1:
-        batch  <- step-indexed slice of the on-the-fly stream (data.train_samples)
+        batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
+                  a conversation of `turns` questions about it (data.conversation)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
     metrics    <- greedy KV-cache answers on the fixed test split (data.evaluate)
 
@@ -14,17 +15,19 @@ CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes.
 
 Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr), AdamW
 betas (0.9, 0.98), weight decay on matrices only, gradient clipping at 1, bf16 autocast on
-GPU only, CPU threads = 1 by default, and `vision_lr_scale`: the ViT encoder (embeddings and
-blocks; not the SliceRestore adapters) learns at a fraction of the peak lr. Measured (tiny,
+GPU only, several questions per training image (`turns`, see `minihires.data`), and
+`vision_lr_scale`: the ViT encoder (embeddings and blocks; not the SliceRestore adapters)
+learns at a fraction of the peak lr. Measured (tiny,
 seed 0, 1000 steps): recognition 11% with --vision-lr-scale 1, 77% with the default 0.1.
 Our reading, from probes made while tuning: at the full lr the ViT soon becomes a colour
 detector (colour answers the easy half of every question) and the pattern class, which is
 what slices are for, fades from its tokens before the LLM has learned to read it.
 
-Threads, measured on the 2-core machine (tiny preset, batch 32): with the cores otherwise
-idle, 2 threads took 0.23 s a step and 1 thread 0.38 s; with other processes on the cores,
-2 threads took 1.4-3 s a step (threads spin waiting for each other) and 1 thread 0.45 s.
-One thread is the robust default; pass --threads 2 on an idle machine.
+Threads: torch's default, one per core (torchrun sets OMP_NUM_THREADS=1 per rank). Measured
+on the 2-core machine (tiny preset, 32 images x 3 questions a step, /tmp probe, median of 10
+steps): idle cores, 2 threads 0.33 s a step, 1 thread 0.57 s; with another busy process on the
+machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core) and 1 thread 0.59 s.
+So pass --threads 1 when the cores are shared (e.g. two runs side by side).
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ from .tokenizer import Tokenizer
 class TrainConfig:
     """Everything a run depends on besides the model preset (saved in config.json)."""
     preset: str = "tiny"
-    steps: int = 1000
-    batch_size: int = 32           # per rank
+    steps: int = 1200
+    batch_size: int = 32           # images per step per rank
+    turns: int = 5                 # questions per training image (data.conversation)
     lr: float = 1e-3
     min_lr_ratio: float = 0.05     # cosine ends at lr * min_lr_ratio
     warmup_steps: int = 60
@@ -68,7 +72,8 @@ class TrainConfig:
     eval_n: int = 540              # test samples; 0 skips the evaluation
     eval_batch_size: int = 180
     ckpt_every: int = 200          # steps between resume checkpoints
-    threads: int = 1               # CPU threads (torch.set_num_threads)
+    threads: int | None = None     # CPU threads; None keeps torch's (a thread per core,
+                                   # or OMP_NUM_THREADS, which torchrun sets to 1)
     device: str = "cpu"
     # ablation switches; None keeps the preset's value
     use_slices: bool | None = None
@@ -82,9 +87,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
         need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
-        for name in ("steps", "batch_size", "eval_batch_size", "ckpt_every", "threads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
-                 "an int >= 1")
+        for name in ("steps", "batch_size", "turns", "eval_batch_size", "ckpt_every", "threads"):
+            value = getattr(self, name)
+            need((name == "threads" and value is None) or (isinstance(value, int) and value >= 1),
+                 name, "an int >= 1" + (" or None" if name == "threads" else ""))
         need(isinstance(self.eval_n, int) and self.eval_n >= 0, "eval_n", "an int >= 0")
         need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
              "an int >= 0")
@@ -179,7 +185,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
+    if device.type == "cpu" and tc.threads is not None:
         torch.set_num_threads(tc.threads)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
@@ -220,7 +226,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             samples = data.train_samples(tc.seed, step, tc.batch_size, data_cfg, rank, world)
-            batch = data.make_batch(samples, tokenizer, model_cfg).to(device)
+            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, data_cfg).to(device)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 _, loss = ddp(**batch.kwargs())
             opt.zero_grad(set_to_none=True)
@@ -261,11 +267,12 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "world_size": world, "samples_seen": tc.steps * tc.batch_size * world,
                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
                "visual_tokens": data.visual_tokens(model_cfg, data_cfg),
-               "train_time_s": train_time, "device": str(device), "threads": tc.threads,
+               "train_time_s": train_time, "device": str(device),
+               "threads": torch.get_num_threads() if device.type == "cpu" else None,
                "preset": tc.preset, "use_slices": model_cfg.use_slices,
                "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
                "overlap": model_cfg.overlap, "crop_embedding": model_cfg.crop_embedding,
-               "vision_lr_scale": tc.vision_lr_scale, "param_hash": param_hash(model),
+               "vision_lr_scale": tc.vision_lr_scale, "turns": tc.turns, "param_hash": param_hash(model),
                "rank_param_hashes": hashes}
     if tc.eval_n:
         t0 = time.perf_counter()
@@ -282,7 +289,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
 
 # ---------------------------------------------------------------------------- command line
 
-_CONFIG_FLAGS = ("preset", "steps", "batch_size", "lr", "vision_lr_scale", "seed", "eval_n",
+_CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "lr", "vision_lr_scale", "seed", "eval_n",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
                  "warmup_steps", "ckpt_every")
 
@@ -295,14 +302,17 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"(default {d.preset})")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"samples per step per rank (default {d.batch_size})")
+                   help=f"images per step per rank (default {d.batch_size})")
+    p.add_argument("--turns", type=int, default=None,
+                   help=f"questions per training image, one conversation (default {d.turns})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--vision-lr-scale", type=float, default=None,
                    help=f"the vision tower's lr as a fraction of --lr (default {d.vision_lr_scale})")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
     p.add_argument("--seed", type=int, default=None, help=f"init and data seed (default {d.seed})")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {d.threads})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, one per core)")
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--eval-n", type=int, default=None,
                    help=f"test samples to score, 0 = none (default {d.eval_n})")
@@ -356,9 +366,10 @@ def cli_train(argv: list[str]) -> int:
     rank = _distributed()[0]
     if rank == 0:
         model_cfg = tc.model_config()
-        print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} samples, "
+        print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
+              f"x {tc.turns} questions, "
               f"lr {tc.lr}, seed {tc.seed}, device {tc.device}"
-              + (f", {tc.threads} thread(s)" if tc.device == "cpu" else "")
+              + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
               + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "
               f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
               f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}")
@@ -383,7 +394,7 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=None, help="test samples (default: the run's eval_n)")
     p.add_argument("--batch-size", type=int, default=180)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
     try:
         model, tokenizer, cfg = ckpt.load_run(args.run_dir, args.device)
@@ -392,7 +403,7 @@ def cli_eval(argv: list[str]) -> int:
     n = (cfg["train"].get("eval_n") or TrainConfig.eval_n) if args.n is None else args.n
     if n < 1 or args.batch_size < 1:
         p.error(f"--n and --batch-size must be >= 1, got {n} and {args.batch_size}")
-    if args.device == "cpu":
+    if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
     t0 = time.perf_counter()

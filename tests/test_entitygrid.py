@@ -1,6 +1,7 @@
 """EntityGrid-QA: determinism, seed splits, geometry, drawing, answers, scoring, export, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -207,27 +208,54 @@ def check_entities(s, cfg):
     assert s.on_seam == any(s.entities[t].on_seam for t in s.targets)
 
 
+def derive_answer(question, task, entities):
+    """(answer, target positions) re-derived from the question text and the entities alone."""
+    if task == "recognition":
+        pos = re.fullmatch(r"What is at the (.+)\?", question).group(1)
+        [e] = [e for e in entities if e.position == pos]
+        return f"{e.colour} {e.cls}", [pos]
+    if task == "position":
+        colour, cls = re.fullmatch(r"Where are the (\w+) (\w+)\?", question).groups()
+        match = [e for e in entities if (e.colour, e.cls) == (colour, cls)]
+        assert len(match) == 1, "position question about an ambiguous entity"
+        return match[0].position, [match[0].position]
+    assert task == "counting"
+    cls = re.fullmatch(r"How many entities have (\w+)\?", question).group(1)
+    match = [e.position for e in entities if e.cls == cls]
+    return NUMBER_WORDS[len(match)], match
+
+
 def check_answer(s):
     """Re-derive the answer from the entity list and the question text alone."""
-    if s.task == "recognition":
-        pos = re.fullmatch(r"What is at the (.+)\?", s.question).group(1)
-        [e] = [e for e in s.entities if e.position == pos]
-        assert s.answer == f"{e.colour} {e.cls}" and s.positions == [pos]
-    elif s.task == "position":
-        colour, cls = re.fullmatch(r"Where are the (\w+) (\w+)\?", s.question).groups()
-        match = [e for e in s.entities if (e.colour, e.cls) == (colour, cls)]
-        assert len(match) == 1, "position question about an ambiguous entity"
-        assert s.answer == match[0].position and s.positions == [match[0].position]
-    else:
-        cls = re.fullmatch(r"How many entities have (\w+)\?", s.question).group(1)
-        match = [e.position for e in s.entities if e.cls == cls]
-        assert s.answer == NUMBER_WORDS[len(match)] and sorted(s.positions) == sorted(match)
+    answer, positions = derive_answer(s.question, s.task, s.entities)
+    assert s.answer == answer and sorted(s.positions) == sorted(positions)
 
 
 def test_default_samples_are_consistent():
     for s in eg.test_split(27) + [sample(seed) for seed in range(60)]:
         check_entities(s, CFG)
         check_answer(s)
+
+
+def test_questions_about_an_image_are_all_its_questions():
+    """questions_about lists the sample's own question and every other one the image answers,
+    each with the answer the entities give, all in the answer vocabulary."""
+    vocab = set(eg.answer_vocabulary(CFG))
+    for s in eg.test_split(54) + [sample(seed) for seed in range(200)]:
+        qs = eg.questions_about(s.entities, CFG)
+        assert (s.question, s.answer, s.task) in qs
+        assert len({q for q, _, _ in qs}) == len(qs), "a question listed twice"
+        for q, a, task in qs:
+            assert derive_answer(q, task, s.entities)[0] == a and a in vocab
+        asked = Counter(task for _, _, task in qs)
+        assert asked["recognition"] == len(s.entities)
+        assert asked["counting"] == len({e.cls for e in s.entities})
+    # counts beyond max_count have no answer word in the vocabulary: not asked
+    three = sample(TEST_SEED_BASE + 2).entities            # a counting image
+    assert len(three) == 3
+    same = [dataclasses.replace(e, cls="stripes") for e in three]
+    small = EntityGridConfig(max_count=len(same) - 1)
+    assert not [q for q, _, t in eg.questions_about(same, small) if t == "counting"]
 
 
 def test_position_questions_often_need_class_detail():

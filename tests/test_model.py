@@ -117,7 +117,8 @@ def test_num_image_tokens_equals_spliced(tok, ablation):
 def test_layout_matches_per_image_assembly(tok):
     """Batched encoding (mixed grids in one ViT batch) == each image alone, assembled by hand:
     thumbnail, newline, then per slice row its slices' tokens and a newline; every crop's
-    tokens carry its crop embedding (thumbnail, or slice row + slice column)."""
+    tokens carry its crop embedding (thumbnail, or slice row + slice column) and each token
+    the embedding of its place in the crop's grid."""
     cfg = make_cfg(tok)
     assert cfg.crop_embedding
     m = model_for(cfg)
@@ -130,6 +131,7 @@ def test_layout_matches_per_image_assembly(tok):
             feats = m.vision_tower(crops, [(r, c)])[:, 1:].reshape(-1, 8, 8, 64)  # (1 + r*c, g, g, Dv)
             Dl, E, M = cfg.llama.hidden_size, m.crop_embedding, cfg.max_slices
             tok_ = m.multi_modal_projector(m.sampler(feats)).reshape(1 + r * c, 16, Dl)
+            tok_ = tok_ + m.crop_grid_embedding.reshape(16, Dl)     # place in the 4 x 4 grid
             nl = m.image_newline[None]
             parts = [tok_[0] + E[0], nl]
             for i in range(r):

@@ -101,6 +101,44 @@ def test_chat_template_masks_all_but_the_answer(which, request):
     assert ids == tok.encode(f"USER: {IMAGE_TOKEN}\n{q} ASSISTANT: {a}", bos=True, eos=True)
 
 
+def test_conversation_labels_every_answer_and_nothing_else(small):
+    turns = [("What is at the top left?", "red star"), ("Where is the blue moon?", "top"),
+             ("How many stars?", "two")]
+    assert small.conversation(turns[:1]) == small.chat(*turns[0])
+    ids, labels = small.conversation(turns)
+    assert len(ids) == len(labels) and ids[:len(small.chat(*turns[0])[0])] == small.chat(*turns[0])[0]
+    assert ids.count(small.image_id) == 1 and ids.count(small.bos_id) == 1
+    assert ids.count(small.eos_id) == 3 and ids[-1] == small.eos_id
+    # each later turn is encoded alone: its dummy-prefix space shows after the eos
+    assert small.decode(ids) == (f"USER: {IMAGE_TOKEN}\nWhat is at the top left? ASSISTANT: red star"
+                                 " USER: Where is the blue moon? ASSISTANT: top"
+                                 " USER: How many stars? ASSISTANT: two")
+    # labelled spans = the answers (and their eos), in order
+    spans, cur = [], []
+    for i, l in zip(ids, labels):
+        if l == IGNORE_INDEX:
+            if cur:
+                spans.append(cur)
+            cur = []
+        else:
+            assert l == i
+            cur.append(i)
+    spans.append(cur)
+    assert [small.decode(sp) for sp in spans] == ["red star", "top", "two"]
+    assert all(sp[-1] == small.eos_id for sp in spans)
+
+
+def test_conversation_rejects_bad_turns(small):
+    with pytest.raises(ValueError, match="at least one"):
+        small.conversation([])
+    with pytest.raises(TypeError, match="turn 1 must be a"):
+        small.conversation([("q?", "a"), ("q?",)])
+    with pytest.raises(TypeError, match=r"answer \(turn 1\) must be str"):
+        small.conversation([("q?", "a"), ("q?", None)])
+    with pytest.raises(ValueError, match=r"question \(turn 2\) must not contain"):
+        small.conversation([("q?", "a"), ("r?", "b"), (f"{IMAGE_TOKEN}?", "c")])
+
+
 def test_chat_rejects_a_second_image(small):
     with pytest.raises(ValueError, match="question must not contain"):
         small.chat(f"What is in {IMAGE_TOKEN}?")

@@ -121,6 +121,39 @@ def test_train_samples_are_step_indexed_and_disjoint():
     assert not any(entitygrid.is_test_seed(s) for s in seen)
 
 
+def test_conversations_start_with_the_sample_question():
+    cfg = entitygrid.EntityGridConfig()
+    samples = data.train_samples(0, 0, 40, cfg)
+    for s in samples:
+        every = [(q, a) for q, a, _ in entitygrid.questions_about(s.entities, cfg)]
+        for turns in (1, 2, 3, 20):
+            conv = data.conversation(s, turns, cfg)
+            assert conv[0] == (s.question, s.answer)
+            assert len(conv) == min(turns, len(every)) and len(set(conv)) == len(conv)
+            assert set(conv) <= set(every)
+            assert data.conversation(s, turns, cfg) == conv               # fixed by the seed
+            assert data.conversation(s, turns + 1, cfg)[:turns] == conv   # more turns extend it
+    # the extra turns are not always in the same order
+    assert len({tuple(q for q, _ in data.conversation(s, 20, cfg)) for s in samples}) > 10
+    with pytest.raises(ValueError, match="turns must be an int >= 1"):
+        data.conversation(samples[0], 0, cfg)
+
+
+def test_make_batch_labels_every_turn():
+    tc = TrainConfig()
+    model_cfg, cfg, tok = build(tc)
+    samples = data.train_samples(0, 0, 6, cfg)
+    one = data.make_batch(samples, tok, model_cfg)
+    three = data.make_batch(samples, tok, model_cfg, 3, cfg)
+    assert torch.equal(one.pixel_values, three.pixel_values) and one.grids == three.grids
+    for b, s in enumerate(samples):
+        conv = data.conversation(s, 3, cfg)
+        labels = three.labels[b][three.labels[b] != -100].tolist()
+        assert labels.count(tok.eos_id) == len(conv)
+        assert tok.decode(labels) == " ".join(a for _, a in conv)
+        assert one.labels[b][one.labels[b] != -100].tolist() == tok.encode(s.answer, eos=True)
+
+
 def test_lr_schedule():
     tc = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, tc) == pytest.approx(1e-4)
@@ -159,7 +192,9 @@ def test_vision_lr_scale_applies_to_the_vit_encoder_only():
 def test_crop_embedding_switch():
     assert TrainConfig().model_config().crop_embedding                 # the tiny preset's
     cfg = TrainConfig(crop_embedding=False).model_config()
-    assert not cfg.crop_embedding and not hasattr(HiResLLaVA(cfg), "crop_embedding")
+    m = HiResLLaVA(cfg)
+    assert not cfg.crop_embedding and not hasattr(m, "crop_embedding")
+    assert not hasattr(m, "crop_grid_embedding")
 
 
 @pytest.mark.parametrize("argv, message", [
