@@ -12,10 +12,11 @@ questions the same image answers (`entitygrid.questions_about`) in an order fixe
 sample's seed. The image is encoded once for all of them, so extra turns add supervision
 for a few text tokens each (ours; measured in README). A later turn can repeat what an
 earlier answer said (after "What is at the top? red stripes", "Where are the red stripes?"
-needs no image); the first turn, the one the test scores, never can. Images are rendered once per batch and turned
-into crops once (`model.image_inputs`); at 64 x 64 pixels that costs ~0.5 ms a sample,
-a few percent of a training step, so there is no background loader (ours: simpler and
-deterministic).
+needs no image); the first turn, the one the test scores, never can.
+
+Images are rendered once per batch and turned into crops once (`model.image_inputs`); at
+64 x 64 pixels that costs ~0.5 ms a sample, a few percent of a training step, so there is
+no background loader (ours: simpler and deterministic).
 
 Evaluation answers the fixed test split with batched greedy KV-cache generation
 (`HiResLLaVA.generate`) and scores it with `entitygrid.score`.
@@ -152,4 +153,31 @@ def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
                      f"{m['train_time_s']:.0f} s, {m['steps']} steps x {m['batch_size']}"
                      f"{' x ' + str(m['world_size']) + ' ranks' if m.get('world_size', 1) > 1 else ''}"
                      f"; eval {m.get('eval_time_s', 0):.0f} s)")
+    return "\n".join(lines)
+
+
+def by_entities(answers: Sequence[str], samples: Sequence[entitygrid.Sample]) -> dict:
+    """Accuracy per task and per number of entities in the image: {task: {n: (correct, total)}}.
+
+    Separates reading one entity from telling two apart (README, "Where it stands").
+    """
+    if len(answers) != len(samples):
+        raise ValueError(f"answers and samples differ in length: {len(answers)} vs {len(samples)}")
+    out: dict = {t: {} for t in entitygrid.TASKS}
+    for a, s in zip(answers, samples):
+        cell = out[s.task].setdefault(len(s.entities), [0, 0])
+        cell[0] += entitygrid.normalize(a) == entitygrid.normalize(s.answer)
+        cell[1] += 1
+    return {t: {n: tuple(c) for n, c in sorted(cells.items())} for t, cells in out.items()}
+
+
+def by_entities_table(table: dict) -> str:
+    """`by_entities` as text: accuracy % (questions) per task and entity count."""
+    ns = sorted({n for cells in table.values() for n in cells})
+    lines = ["accuracy by entities in the image, % (questions)",
+             f"  {'':<14}" + "".join(f"{f'{n} entit' + ('y' if n == 1 else 'ies'):>15}" for n in ns)]
+    for task, cells in table.items():
+        row = [f"{100 * cells[n][0] / cells[n][1]:5.1f} ({cells[n][1]:>4})" if n in cells else "-"
+               for n in ns]
+        lines.append(f"  {task:<14}" + "".join(f"{c:>15}" for c in row))
     return "\n".join(lines)

@@ -24,10 +24,11 @@ detector (colour answers the easy half of every question) and the pattern class,
 what slices are for, fades from its tokens before the LLM has learned to read it.
 
 Threads: torch's default, one per core (torchrun sets OMP_NUM_THREADS=1 per rank). Measured
-on the 2-core machine (tiny preset, 32 images x 3 questions a step, /tmp probe, median of 10
-steps): idle cores, 2 threads 0.33 s a step, 1 thread 0.57 s; with another busy process on the
-machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core) and 1 thread 0.59 s.
-So pass --threads 1 when the cores are shared (e.g. two runs side by side).
+on the 2-core machine (tiny preset, 32 images x 3 questions a step, median step time over 10
+steps of this loop; `train --steps 30 --eval-n 0 --threads N` shows the rate as samples/s):
+with the cores idle, 2 threads 0.33 s a step and 1 thread 0.57 s; with another busy process
+on the machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core) and 1 thread
+0.59 s. So pass --threads 1 when the cores are shared, e.g. two runs side by side.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from . import checkpoint as ckpt
 from . import data
 from .data import results_table
 from .config import PRESETS, ModelConfig, preset
-from .entitygrid import EntityGridConfig, question_texts
+from .entitygrid import EntityGridConfig, question_texts, test_split
 from .model import HiResLLaVA
 from .tokenizer import Tokenizer
 
@@ -395,6 +396,8 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=180)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--by-entities", action="store_true",
+                   help="also print accuracy per task and number of entities in the image")
     args = p.parse_args(argv)
     try:
         model, tokenizer, cfg = ckpt.load_run(args.run_dir, args.device)
@@ -407,8 +410,11 @@ def cli_eval(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
     t0 = time.perf_counter()
-    scores, _ = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast)
+    scores, answers = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast)
     scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
     print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
+    if args.by_entities:
+        samples = test_split(n, cfg["data"])
+        print(data.by_entities_table(data.by_entities(answers, samples)))
     print(f"  eval time {time.perf_counter() - t0:.1f} s")
     return 0

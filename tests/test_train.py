@@ -2,6 +2,7 @@
 eval reproduces train's numbers, step-indexed data, the lr schedule, bad input."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -62,6 +63,31 @@ def test_eval_reproduces_metrics(run, capsys):
     for name, key in (("overall", "accuracy"), ("recognition", "recognition"),
                       ("on-seam", "on_seam"), ("off-seam", "off_seam")):
         assert rows[name][0] == f"{saved[key]:.1f}", name
+    # --by-entities: the per-task rows add up to the task's accuracy
+    assert cli_eval([str(run), "--by-entities"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("accuracy by entities"):].splitlines()
+    for task in entitygrid.TASKS:
+        [line] = [l for l in table if l.split() and l.split()[0] == task]
+        cells = [(float(a), int(n.strip("()"))) for a, n in re.findall(r"([\d.]+) \(\s*(\d+)\)", line)]
+        right = sum(round(a * n / 100) for a, n in cells)
+        assert sum(n for _, n in cells) == saved["counts"][task]
+        assert right == saved["correct"][task], task
+
+
+def test_by_entities_counts_per_task_and_entity_number():
+    samples = entitygrid.test_split(27)
+    answers = [s.answer if i % 2 else "wrong" for i, s in enumerate(samples)]
+    table = data.by_entities(answers, samples)
+    for task in entitygrid.TASKS:
+        mine = [(i, s) for i, s in enumerate(samples) if s.task == task]
+        assert sum(t for _, t in table[task].values()) == len(mine)
+        for n, (right, total) in table[task].items():
+            group = [i for i, s in mine if len(s.entities) == n]
+            assert total == len(group) and right == sum(i % 2 for i in group)
+    assert "1 entity" in data.by_entities_table(table)
+    with pytest.raises(ValueError, match="differ in length"):
+        data.by_entities(answers[:-1], samples)
 
 
 def test_resume_equals_uninterrupted(tmp_path, capsys):
