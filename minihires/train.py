@@ -17,8 +17,8 @@ Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr)
 betas (0.9, 0.98), weight decay on matrices only, gradient clipping at 1, bf16 autocast on
 GPU only, several questions per training image (`turns`, see `minihires.data`), and
 `vision_lr_scale`: the ViT encoder (embeddings and blocks; not the SliceRestore adapters)
-learns at a fraction of the peak lr. Measured (tiny,
-seed 0, 1000 steps): recognition 11% with --vision-lr-scale 1, 77% with the default 0.1.
+learns at a fraction of the peak lr. Measured with the previous defaults (tiny, seed 0, 1000
+steps, one question per image): recognition 11% with --vision-lr-scale 1, 77% with 0.1.
 Our reading, from probes made while tuning: at the full lr the ViT soon becomes a colour
 detector (colour answers the easy half of every question) and the pattern class, which is
 what slices are for, fades from its tokens before the LLM has learned to read it.
@@ -273,8 +273,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "preset": tc.preset, "use_slices": model_cfg.use_slices,
                "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
                "overlap": model_cfg.overlap, "crop_embedding": model_cfg.crop_embedding,
-               "vision_lr_scale": tc.vision_lr_scale, "turns": tc.turns, "param_hash": param_hash(model),
-               "rank_param_hashes": hashes}
+               "vision_lr_scale": tc.vision_lr_scale, "turns": tc.turns,
+               "param_hash": param_hash(model), "rank_param_hashes": hashes}
     if tc.eval_n:
         t0 = time.perf_counter()
         model.eval()
