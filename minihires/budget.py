@@ -210,8 +210,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     parts = {"vision tower": count(model.vision_tower) - sra, "SliceRestore adapters": sra,
              "sampler": count(model.sampler) if hasattr(model, "sampler") else 0,
              "projector + newline": count(model.multi_modal_projector)
-             + sum(getattr(model, n).numel() for n in ("image_newline", "crop_embedding",
-                                                         "crop_grid_embedding")
+             + sum(getattr(model, n).numel() for n in HiResLLaVA.IMAGE_EMBEDDINGS
                    if hasattr(model, n)),
              "language model": count(model.language_model)}
     parts["total"] = count(model)

@@ -344,8 +344,8 @@ def hires_from_hf(vit_dir, llm_dir, cfg: ModelConfig | None = None,
             if cfg.llama.tie_word_embeddings else None)
     plans = [_plan(vit_dir, targets, CLIP_VISION_KEYS, "vision_tower.", skip),
              _plan(llm_dir, targets, LLAMA_KEYS, "language_model.", tied=tied)]
-    fresh = ("vision_tower.sra.", "sampler.", "multi_modal_projector.", "image_newline",
-             "crop_embedding", "crop_grid_embedding")
+    fresh = ("vision_tower.sra.", "sampler.", "multi_modal_projector.",
+             *HiResLLaVA.IMAGE_EMBEDDINGS)
     _check_complete(targets, plans[0][0] + plans[1][0], f"checkpoints {vit_dir} + {llm_dir}",
                     fresh)
     for copies, compares in plans:

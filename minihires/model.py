@@ -150,6 +150,9 @@ def prepare(images: Sequence, questions: Sequence[str], tokenizer, cfg: ModelCon
 
 class HiResLLaVA(nn.Module):
 
+    # the learned image embeddings `init_image_embeddings` may create (no checkpoint has them)
+    IMAGE_EMBEDDINGS = ("image_newline", "crop_embedding", "crop_grid_embedding")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check_config(cfg)

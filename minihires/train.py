@@ -25,7 +25,7 @@ what slices are for, fades from its tokens before the LLM has learned to read it
 
 Threads: torch's default, one per core (torchrun sets OMP_NUM_THREADS=1 per rank). Measured
 on the 2-core machine (tiny preset, 32 images x 3 questions a step, median step time over 10
-steps of this loop; `train --steps 30 --eval-n 0 --threads N` shows the rate as samples/s):
+steps of this loop; `train --turns 3 --steps 30 --eval-n 0 --threads N` shows the rate):
 with the cores idle, 2 threads 0.33 s a step and 1 thread 0.57 s; with another busy process
 on the machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core) and 1 thread
 0.59 s. So pass --threads 1 when the cores are shared, e.g. two runs side by side.
@@ -88,10 +88,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
         need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
-        for name in ("steps", "batch_size", "turns", "eval_batch_size", "ckpt_every", "threads"):
-            value = getattr(self, name)
-            need((name == "threads" and value is None) or (isinstance(value, int) and value >= 1),
-                 name, "an int >= 1" + (" or None" if name == "threads" else ""))
+        for name in ("steps", "batch_size", "turns", "eval_batch_size", "ckpt_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 "an int >= 1")
+        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+             "threads", "an int >= 1 or None")
         need(isinstance(self.eval_n, int) and self.eval_n >= 0, "eval_n", "an int >= 0")
         need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
              "an int >= 0")
