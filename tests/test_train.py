@@ -226,6 +226,8 @@ def test_crop_embedding_switch():
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "steps must be an int >= 1"),
     (["--batch-size", "-1"], "batch_size must be an int >= 1"),
+    (["--turns", "0"], "turns must be an int >= 1"),
+    (["--threads", "0"], "threads must be an int >= 1 or None"),
     (["--lr", "0"], "lr must be a positive number"),
     (["--vision-lr-scale", "-1"], "vision_lr_scale must be a number >= 0"),
     (["--seed", "-3"], "seed must be an int in 0.."),
