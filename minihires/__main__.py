@@ -11,7 +11,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "train": ("minihires.train", "train a model from scratch on EntityGrid-QA (default preset tiny)"),
-    "eval": ("minihires.train", "re-score a run folder on the EntityGrid-QA test split"),
+    "eval": ("minihires.evaluate", "re-score a run folder on the EntityGrid-QA test split"),
     "ask": ("minihires.ask", "answer a question about an image with a trained or HF model"),
     "entitygrid": ("minihires.entitygrid", "export EntityGrid-QA images and questions"),
     "ablate": ("minihires.ablate", "train the ablation variants and print their table"),

@@ -50,7 +50,7 @@ from . import checkpoint as ckpt
 from . import data
 from .data import results_table
 from .config import PRESETS, ModelConfig, preset
-from .entitygrid import EntityGridConfig, question_texts, test_split
+from .entitygrid import EntityGridConfig, question_texts
 from .model import HiResLLaVA
 from .tokenizer import Tokenizer
 
@@ -386,36 +386,4 @@ def cli_train(argv: list[str]) -> int:
     if metrics is not None:
         print(results_table(metrics))
         print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
-    return 0
-
-
-def cli_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minihires eval",
-                                description="Re-score a run folder on the EntityGrid-QA test split.")
-    p.add_argument("run_dir", help="a folder written by `python -m minihires train`")
-    p.add_argument("--n", type=int, default=None, help="test samples (default: the run's eval_n)")
-    p.add_argument("--batch-size", type=int, default=180)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--by-entities", action="store_true",
-                   help="also print accuracy per task and number of entities in the image")
-    args = p.parse_args(argv)
-    try:
-        model, tokenizer, cfg = ckpt.load_run(args.run_dir, args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        p.error(str(e))
-    n = (cfg["train"].get("eval_n") or TrainConfig.eval_n) if args.n is None else args.n
-    if n < 1 or args.batch_size < 1:
-        p.error(f"--n and --batch-size must be >= 1, got {n} and {args.batch_size}")
-    if args.device == "cpu" and args.threads is not None:
-        torch.set_num_threads(args.threads)
-    autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
-    t0 = time.perf_counter()
-    scores, answers = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast)
-    scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
-    print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
-    if args.by_entities:
-        samples = test_split(n, cfg["data"])
-        print(data.by_entities_table(data.by_entities(answers, samples)))
-    print(f"  eval time {time.perf_counter() - t0:.1f} s")
     return 0

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from minihires import checkpoint as ckpt
 from minihires import data, entitygrid
 from minihires.model import HiResLLaVA
-from minihires.train import (TrainConfig, build, cli_eval, cli_train, lr_at, make_optimizer,
-                             param_hash)
+from minihires.evaluate import cli_eval
+from minihires.train import (TrainConfig, build, cli_train, lr_at, make_optimizer, param_hash)
 
 SMALL = ["--batch-size", "4", "--eval-n", "9", "--quiet"]
 METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "off_seam",
@@ -73,6 +73,14 @@ def test_eval_reproduces_metrics(run, capsys):
         right = sum(round(a * n / 100) for a, n in cells)
         assert sum(n for _, n in cells) == saved["counts"][task]
         assert right == saved["correct"][task], task
+    # --attention: one table per question kind, a row per layer and head (minihires.probe)
+    assert cli_eval([str(run), "--attention"]) == 0
+    out = capsys.readouterr().out
+    for task in ("position", "recognition"):
+        assert f"attention mass from the answer position, {task}, two entities" in out
+    L = cfg["model"].llama.num_hidden_layers
+    assert len(re.findall(r"^  L\d+ H\d+ +[\d.]+ +[\d.]+ +[\d.]+$", out, re.M)) == \
+        2 * L * cfg["model"].llama.num_attention_heads
 
 
 def test_by_entities_counts_per_task_and_entity_number():

@@ -1,0 +1,17 @@
+"""`python -m minihires`: every command resolves to its module's cli_<command>, and usage lists it."""
+import importlib
+
+from minihires.__main__ import COMMANDS, main, usage
+
+
+def test_every_command_has_its_cli_function():
+    for command, (module, _) in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), f"cli_{command}")), command
+
+
+def test_usage_and_unknown_command(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == usage().strip() and all(c in out for c in COMMANDS)
+    assert main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
