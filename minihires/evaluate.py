@@ -56,10 +56,14 @@ def cli_eval(argv: list[str]) -> int:
     if args.attention:
         for task in ("position", "recognition"):
             asked = [s for s in samples if s.task == task and len(s.entities) == 2]
-            if asked:
-                print(probe.entity_attention_table(
-                    probe.entity_attention(model, tokenizer, asked),
-                    f"attention mass from the answer position, {task}, two entities "
-                    f"(n={len(asked)}): tokens covering only the asked entity vs only the other"))
+            if not asked:
+                continue
+            try:
+                mass = probe.entity_attention(model, tokenizer, asked)
+            except ValueError as e:             # e.g. overlapping slices: no token boxes
+                p.error(f"--attention: {e}")
+            print(probe.entity_attention_table(
+                mass, f"attention mass from the answer position, {task}, two entities "
+                      f"(n={len(asked)}): tokens covering only the asked entity vs only the other"))
     print(f"  eval time {time.perf_counter() - t0:.1f} s")
     return 0

@@ -1,11 +1,13 @@
 """Where the LLM looks when it answers: attention from the answer position to each entity.
 
-A question about one of two entities ("Where are the red stripes?") can only be answered if
-some attention head, at the position that predicts the first answer token, prefers the
+A question about one of two entities ("Where are the red stripes?") is answered most directly
+by an attention head that, at the position predicting the first answer token, prefers the
 visual tokens of the entity asked about over those of the other one. `entity_attention`
-measures exactly that on the fixed test split: for every layer and head, the mean attention
-mass on tokens that cover only the target entity, and on tokens that cover only the other
-entity (README, "What is left"). Equal masses mean no head tells the two apart.
+measures that on the samples it is given (`eval --attention`: the fixed test split): for
+every layer and head, the mean attention mass on tokens that cover only the target entity, and
+on tokens that cover only the other entity (README, "What is left"). Equal masses mean no head
+tells the two apart at that position; a model can still route the choice through other
+positions and layers, which this probe does not see.
 
 The attention weights are recomputed from each layer's own q/k projections in a forward
 pre-hook (the model itself runs fused scaled_dot_product_attention and keeps no weights),
@@ -29,6 +31,8 @@ def token_boxes(cfg, grid: tuple[int, int], width: int, height: int) -> list:
     if cfg.mode != "hires":
         raise ValueError("token_boxes follows the 'hires' layout; this model is in "
                          f"{cfg.mode!r} mode")
+    if cfg.overlap:
+        raise ValueError(f"token_boxes assumes slices that tile the image; overlap is {cfg.overlap}")
     h = slicing.tokens_per_side(cfg)
     r, c = grid
     cell = lambda x0, y0, w, hh: [(x0 + j * w / h, y0 + i * hh / h,      # noqa: E731

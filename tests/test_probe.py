@@ -68,3 +68,16 @@ def test_token_boxes_thumbnail_only_and_llava15():
     assert len(boxes) == slicing.num_image_tokens((2, 2), cfg) and boxes[-1] is None
     with pytest.raises(ValueError, match="llava15"):
         probe.token_boxes(dataclasses.replace(tiny(), mode="llava15"), (2, 2), 64, 64)
+    with pytest.raises(ValueError, match="overlap is 0.25"):
+        probe.token_boxes(dataclasses.replace(tiny(), overlap=0.25), (2, 2), 64, 64)
+
+
+def test_eval_attention_on_an_overlap_run_is_a_clear_error(tmp_path, capsys):
+    from minihires.evaluate import cli_eval
+    from minihires.train import cli_train
+    run = tmp_path / "overlap"
+    assert cli_train(["--steps", "1", "--batch-size", "2", "--eval-n", "0", "--overlap", "0.25",
+                      "--quiet", "--out", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        cli_eval([str(run), "--n", "9", "--attention"])
+    assert "--attention: token_boxes assumes slices that tile the image" in capsys.readouterr().err
