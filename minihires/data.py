@@ -124,7 +124,16 @@ def evaluate(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig, n: 
              batch_size: int = 128, autocast_dtype: torch.dtype | None = None,
              progress=None) -> tuple[dict, list[str]]:
     """Score the model on the first n samples of the fixed test split -> (metrics, answers)."""
-    samples = entitygrid.test_split(n, cfg)
+    return score_samples(model, tokenizer, cfg, entitygrid.test_split(n, cfg), batch_size,
+                         autocast_dtype, progress)
+
+
+def score_samples(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig,
+                  samples: Sequence[entitygrid.Sample], batch_size: int = 128,
+                  autocast_dtype: torch.dtype | None = None, progress=None
+                  ) -> tuple[dict, list[str]]:
+    """Answer and score already rendered samples -> (metrics, answers); `evaluate` renders the
+    test split for it, `eval --by-entities/--attention` renders it once and reuses it."""
     answers = predict(model, tokenizer, samples, batch_size, max_answer_tokens(tokenizer, cfg),
                       autocast_dtype, progress)
     return entitygrid.score(answers, samples), answers

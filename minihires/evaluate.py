@@ -46,11 +46,11 @@ def cli_eval(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
     t0 = time.perf_counter()
-    scores, answers = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast)
+    samples = test_split(n, cfg["data"])                 # rendered once, for every table below
+    scores, answers = data.score_samples(model, tokenizer, cfg["data"], samples, args.batch_size,
+                                         autocast)
     scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
     print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
-    if args.by_entities or args.attention:
-        samples = test_split(n, cfg["data"])
     if args.by_entities:
         print(data.by_entities_table(data.by_entities(answers, samples)))
     if args.attention:
