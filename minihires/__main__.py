@@ -17,6 +17,7 @@ COMMANDS = {
     "ablate": ("minihires.ablate", "train the ablation variants and print their table"),
     "tokens": ("minihires.budget", "visual-token and FLOP budget per image size"),
     "bench": ("minihires.bench", "kernel benchmarks: stitch, window_attn_pool"),
+    "lookup": ("minihires.lookup", "the LLM's entity lookup without the vision tower (a lab)"),
 }
 
 
