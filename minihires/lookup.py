@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import tiny
 from .llama import Llama
@@ -87,9 +88,8 @@ def make_batch(g: torch.Generator, B: int, slots: int, entities: int):
     return colour, cls, asked, PLACE_WORD + where[r, t]
 
 
-def run(slots: int, entities: int = 2, steps: int = 1500, seed: int = 0, every: int = 100,
-        lr: float = 1e-3, batch_size: int = 64, progress=None) -> list[tuple[int, float, float]]:
-    """Train a fresh lab; -> [(step, train loss, held-out accuracy)] every `every` steps."""
+def check(slots, entities=2, steps=1, seed=0, every=1, lr=1e-3, batch_size=64) -> None:
+    """Raise ValueError naming the first bad argument of `run`."""
     if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
         raise ValueError(f"slots must be an int in 1..{MAX_SLOTS}, got {slots!r}")
     if not isinstance(entities, int) or not 1 <= entities <= min(slots, CLASSES):
@@ -99,13 +99,24 @@ def run(slots: int, entities: int = 2, steps: int = 1500, seed: int = 0, every: 
     for name, v in (("steps", steps), ("every", every), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in 0..2**31-1, got {seed!r}")
+
+
+def run(slots: int, entities: int = 2, steps: int = 1500, seed: int = 0, every: int = 100,
+        lr: float = 1e-3, batch_size: int = 64, progress=None, bar: bool = False
+        ) -> list[tuple[int, float, float]]:
+    """Train a fresh lab; -> [(step, train loss, held-out accuracy)] every `every` steps.
+    progress(step, loss, acc) is called at each evaluation; bar shows a tqdm progress bar."""
+    check(slots, entities, steps, seed, every, lr, batch_size)
     torch.manual_seed(seed)
     lab = LookupLab(slots)
     opt = torch.optim.AdamW(lab.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     held_out = make_batch(torch.Generator().manual_seed(10**6 + seed), 512, slots, entities)
     out = []
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), disable=not bar, leave=False, unit="step",
+                     desc=f"{slots} slots, seed {seed}"):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 60)                             # warmup, then constant
         colour, cls, asked, target = make_batch(g, batch_size, slots, entities)
@@ -143,7 +154,14 @@ def cli_lookup(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--verbose", action="store_true", help="print every evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    try:
+        for slots in args.slots:
+            for seed in args.seeds:
+                check(slots, args.entities, args.steps, seed, args.every, args.lr)
+    except ValueError as e:
+        p.error(str(e))
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
@@ -156,11 +174,8 @@ def cli_lookup(argv: list[str]) -> int:
             t0 = time.perf_counter()
             show = (lambda s, l, a: print(f"    step {s}: loss {l:.3f}, acc {100 * a:.1f}%")) \
                 if args.verbose else None
-            try:
-                curve = run(slots, args.entities, args.steps, seed, args.every, args.lr,
-                            progress=show)
-            except ValueError as e:
-                p.error(str(e))
+            curve = run(slots, args.entities, args.steps, seed, args.every, args.lr,
+                        progress=show, bar=not args.quiet)
             hit = steps_to(curve, 0.9)
             print(f"{slots:>6} {seed:>5} {hit if hit else f'> {args.steps}':>13} "
                   f"{100 * curve[-1][2]:>12.1f} {time.perf_counter() - t0:>7.0f}", flush=True)
