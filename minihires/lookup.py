@@ -37,12 +37,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import tiny
+from .entities import CLASSES as CLASS_NAMES, COLOURS as COLOUR_NAMES
 from .llama import Llama
 
-COLOURS, CLASSES = 4, 8
-# token ids of the synthetic vocabulary (the tiny LLaMA has 256)
+COLOURS, CLASSES = len(COLOUR_NAMES), len(CLASS_NAMES)      # as EntityGrid-QA: 4 and 8
+# token ids of the synthetic vocabulary: colour words from 20, class words from 30, place words
+# from 50 up to the tiny LLaMA's vocabulary
 BOS, PROMPT, ANSWER, COLOUR_WORD, CLASS_WORD, PLACE_WORD = 1, 6, 5, 20, 30, 50
-MAX_SLOTS = 256 - PLACE_WORD
+assert COLOUR_WORD + COLOURS <= CLASS_WORD and CLASS_WORD + CLASSES <= PLACE_WORD
+MAX_SLOTS = tiny().llama.vocab_size - PLACE_WORD
 
 
 class LookupLab(nn.Module):
@@ -169,11 +172,11 @@ def cli_lookup(argv: list[str]) -> int:
     print(f"lookup lab: {args.entities} entities, {args.steps} steps x 64 questions, lr {args.lr}; "
           f"steps until held-out accuracy >= 90% (chance {100 / args.entities:.0f}%)")
     print(f"{'slots':>6} {'seed':>5} {'steps to 90%':>13} {'final acc %':>12} {'time s':>7}")
+    show = (lambda s, l, a: print(f"    step {s}: loss {l:.3f}, acc {100 * a:.1f}%")) \
+        if args.verbose else None
     for slots in args.slots:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            show = (lambda s, l, a: print(f"    step {s}: loss {l:.3f}, acc {100 * a:.1f}%")) \
-                if args.verbose else None
             curve = run(slots, args.entities, args.steps, seed, args.every, args.lr,
                         progress=show, bar=not args.quiet)
             hit = steps_to(curve, 0.9)
