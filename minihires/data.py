@@ -6,13 +6,14 @@ start = seed * SEED_STRIDE + t * B * W. So ranks draw disjoint seeds, no seed is
 twice in a run, and a resumed run draws exactly the batches an uninterrupted one would
 (nothing about the data needs saving).
 
-Each training image comes as a conversation of up to `turns` questions (LLaVA-Instruct
-style, one sequence): the sample's own question first, as the test asks it, then other
-questions the same image answers (`entitygrid.questions_about`) in an order fixed by the
-sample's seed. The image is encoded once for all of them, so extra turns add supervision
-for a few text tokens each (ours; measured in README). A later turn can repeat what an
-earlier answer said (after "What is at the top? red stripes", "Where are the red stripes?"
-needs no image); the first turn, the one the test scores, never can.
+Each training image gets up to `turns` questions in one sequence: the sample's own question
+first, then other questions the same image answers (`entitygrid.questions_about`) in an order
+fixed by the sample's seed. The image is encoded once for all of them, so extra turns add
+supervision for a few text tokens each. By default they are packed after the shared image
+prompt so that each question sees the image but not the others (`minihires.shared_prefix`),
+exactly as a test question does; `chat=True` makes them one LLaVA-Instruct conversation
+instead, where a later turn can copy what an earlier answer said (after "What is at the top?
+red stripes", "Where are the red stripes?" needs no image). Both ours; README measures them.
 
 Images are rendered once per batch and turned into crops once (`model.image_inputs`); at
 64 x 64 pixels that costs ~0.5 ms a sample, a few percent of a training step, so there is
@@ -75,13 +76,19 @@ def conversation(sample: entitygrid.Sample, turns: int,
 
 
 def make_batch(samples: Sequence[entitygrid.Sample], tokenizer, model_cfg: ModelConfig,
-               turns: int = 1, cfg: entitygrid.EntityGridConfig | None = None) -> Batch:
-    """Samples -> a right-padded training Batch (answers as labels), `turns` questions per image."""
+               turns: int = 1, cfg: entitygrid.EntityGridConfig | None = None,
+               chat: bool = False) -> Batch:
+    """Samples -> a right-padded training Batch (answers as labels), `turns` questions per image:
+    packed so that each sees the image prompt but not the others (`Tokenizer.questions`), or,
+    with chat=True, as one LLaVA conversation where each sees the earlier ones."""
     examples = []
     for s in samples:
         crops, grid = image_inputs(s.image, model_cfg)                  # (n, 3, S, S), (r, c)
-        ids, labels = tokenizer.conversation(conversation(s, turns, cfg))
-        examples.append((crops, grid, ids, labels))
+        pairs = conversation(s, turns, cfg)
+        if chat:
+            examples.append((crops, grid, *tokenizer.conversation(pairs)))
+        else:
+            examples.append((crops, grid, *tokenizer.questions(pairs)))  # + segments
     return collate(examples, tokenizer.pad_id)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minihires import shared_prefix
 from minihires.config import LlamaConfig
 
 
@@ -225,15 +226,28 @@ class Llama(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds (B, T, D); attention_mask (B, past + T), 1 real / 0 pad, covering the
-        cached tokens too; position_ids (B, T); cache is extended in place. -> logits (B, T, V)."""
+        cached tokens too; position_ids (B, T); cache is extended in place. segment_ids (B, T):
+        questions packed after a shared prefix (`minihires.shared_prefix`; no cache); they set
+        the mask and, unless given, the positions. -> logits (B, T, V)."""
         past = self._check_inputs(inputs_embeds, attention_mask, position_ids, cache)
         B, T, _ = inputs_embeds.shape
         S, device = past + T, inputs_embeds.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device) != 0  # (B, S) bool
-        if position_ids is None and attention_mask is not None:
+        if segment_ids is not None:
+            if past:
+                raise ValueError("segment_ids packs a fresh sequence; it cannot extend a cache")
+            if tuple(getattr(segment_ids, "shape", ())) != (B, T):
+                raise ValueError(f"segment_ids must be (B, T) = ({B}, {T}), "
+                                 f"got {tuple(getattr(segment_ids, 'shape', ()))}")
+            segment_ids = segment_ids.to(device)
+            shared_prefix.check(segment_ids, attention_mask)
+        if position_ids is None and segment_ids is not None:
+            position_ids = shared_prefix.positions(segment_ids, attention_mask)  # (B, T)
+        elif position_ids is None and attention_mask is not None:
             # count real tokens only, so left padding shifts no position
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         elif position_ids is None:
@@ -242,7 +256,9 @@ class Llama(nn.Module):
             position_ids = position_ids.to(device).expand(B, T)  # (B, T) from (B, T), (1, T), (T,)
 
         mask = None  # None: plain causal attention over a fresh sequence
-        if attention_mask is not None or past > 0:
+        if segment_ids is not None:
+            mask = shared_prefix.allowed(segment_ids, attention_mask)  # (B, 1, T, T)
+        elif attention_mask is not None or past > 0:
             mask = attention_allowed(attention_mask, T, past, device)  # (B or 1, 1, T, S)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta,
                                   inputs_embeds.dtype)  # (B, T, hs) each

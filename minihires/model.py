@@ -80,22 +80,26 @@ class Batch:
     labels = IGNORE (-100) except on answer tokens (same positions as input_ids);
     pixel_values: every image's crops one after the other [sum_i n_i, 3, S, S], n_i = 1 + r_i*c_i
     (thumbnail, then slices row-major), or n_i = 1 (thumbnail) when slices are off;
-    grids: each image's (r_i, c_i).
+    grids: each image's (r_i, c_i);
+    segment_ids: [B, T] or None: several questions packed after the shared image prompt
+    (`minihires.shared_prefix`; 0 = the prompt through <image>, k = question k).
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
     pixel_values: torch.Tensor
     grids: list[tuple[int, int]]
+    segment_ids: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.labels),
-                     mv(self.pixel_values), list(self.grids))
+                     mv(self.pixel_values), list(self.grids), mv(self.segment_ids))
 
     def kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                    labels=self.labels, pixel_values=self.pixel_values, grids=self.grids)
+                    labels=self.labels, pixel_values=self.pixel_values, grids=self.grids,
+                    segment_ids=self.segment_ids)
 
 
 def uses_slices(cfg: ModelConfig) -> bool:
@@ -110,9 +114,10 @@ def image_inputs(image, cfg: ModelConfig) -> tuple[torch.Tensor, tuple[int, int]
     return slicing.crops(img, grid if uses_slices(cfg) else None, S, cfg.overlap), grid
 
 
-def collate(examples: Sequence[tuple[torch.Tensor, tuple[int, int], Sequence[int], Sequence[int] | None]],
-            pad_id: int) -> Batch:
-    """[(crops, grid, ids, labels or None)] -> a right-padded Batch."""
+def collate(examples: Sequence[tuple], pad_id: int) -> Batch:
+    """[(crops, grid, ids, labels or None[, segments])] -> a right-padded Batch.
+
+    segments (`Tokenizer.questions`), when the examples carry them, become segment_ids."""
     if not examples:
         raise ValueError("collate needs at least one example")
     B, T = len(examples), max(len(ex[2]) for ex in examples)
@@ -120,7 +125,9 @@ def collate(examples: Sequence[tuple[torch.Tensor, tuple[int, int], Sequence[int
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     has_labels = examples[0][3] is not None
     labels = torch.full((B, T), IGNORE, dtype=torch.long) if has_labels else None
-    for b, (_, _, ids, lab) in enumerate(examples):
+    has_segments = len(examples[0]) > 4 and examples[0][4] is not None
+    segment_ids = torch.zeros((B, T), dtype=torch.long) if has_segments else None
+    for b, (_, _, ids, lab, *seg) in enumerate(examples):
         n = len(ids)
         input_ids[b, :n] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[b, :n] = 1
@@ -129,8 +136,14 @@ def collate(examples: Sequence[tuple[torch.Tensor, tuple[int, int], Sequence[int
                 raise ValueError(f"example {b}: labels must be given for every example and "
                                  f"match its ids in length")
             labels[b, :n] = torch.as_tensor(lab, dtype=torch.long)
+        if has_segments:
+            if not seg or seg[0] is None or len(seg[0]) != n:
+                raise ValueError(f"example {b}: segments must be given for every example and "
+                                 f"match its ids in length")
+            segment_ids[b, :n] = torch.as_tensor(seg[0], dtype=torch.long)
     pixel_values = torch.cat([ex[0] for ex in examples], dim=0)        # (sum n_i, 3, S, S)
-    return Batch(input_ids, attention_mask, labels, pixel_values, [tuple(ex[1]) for ex in examples])
+    return Batch(input_ids, attention_mask, labels, pixel_values, [tuple(ex[1]) for ex in examples],
+                 segment_ids)
 
 
 def prepare(images: Sequence, questions: Sequence[str], tokenizer, cfg: ModelConfig,
@@ -249,12 +262,15 @@ class HiResLLaVA(nn.Module):
     # ------------------------------------------------------------------ splicing
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_embeds: list[torch.Tensor], image_token_id: int,
-                     labels: torch.Tensor | None = None, padding_side: str = "right"):
+                     labels: torch.Tensor | None = None, padding_side: str = "right",
+                     segment_ids: torch.Tensor | None = None):
         """Replace each row's single <image> token by that image's embeddings.
 
         input_ids [B, T] (any padding, real tokens where attention_mask == 1)
         -> inputs_embeds [B, L, Dl], attention_mask [B, L], labels [B, L] or None,
-        rows re-padded on `padding_side` ("right" for training, "left" for generation).
+        rows re-padded on `padding_side` ("right" for training, "left" for generation),
+        and, when segment_ids [B, T] is given, segment_ids [B, L] as a fifth result (the image
+        tokens in the <image> token's segment, which must be the shared prefix, 0).
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -304,19 +320,32 @@ class HiResLLaVA(nn.Module):
             new_labels = torch.full((B * L,), IGNORE, dtype=torch.long, device=dev)
             new_labels[text_dst] = labels[keep]
             new_labels = new_labels.view(B, L)
-        return embeds.view(B, L, Dl), new_mask.view(B, L), new_labels
+        if segment_ids is None:
+            return embeds.view(B, L, Dl), new_mask.view(B, L), new_labels
+        if tuple(segment_ids.shape) != (B, T):
+            raise ValueError(f"segment_ids must be shaped like input_ids {(B, T)}, "
+                             f"got {tuple(segment_ids.shape)}")
+        if bool((segment_ids[is_img] != 0).any()):
+            raise ValueError("the <image> token must lie in the shared prefix (segment 0)")
+        new_seg = torch.zeros(B * L, dtype=torch.long, device=dev)     # image tokens: 0
+        new_seg[text_dst] = segment_ids.to(dev)[keep].long()
+        return embeds.view(B, L, Dl), new_mask.view(B, L), new_labels, new_seg.view(B, L)
 
     # ------------------------------------------------------------------ training / inference
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                 grids: Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, image_token_id: int | None = None):
-        """-> (logits [B, L, V], loss or None). Loss: next-token cross-entropy on labels != -100."""
+                labels: torch.Tensor | None = None, image_token_id: int | None = None,
+                segment_ids: torch.Tensor | None = None):
+        """-> (logits [B, L, V], loss or None). Loss: next-token cross-entropy on labels != -100.
+        segment_ids [B, T]: questions packed after the image prompt (`Batch.segment_ids`)."""
         image_token_id = self._image_id(image_token_id)
         images = self.encode_images(pixel_values, grids)
-        embeds, mask, labels = self.build_inputs(input_ids, attention_mask, images,
-                                                 image_token_id, labels, "right")
+        embeds, mask, labels, *seg = self.build_inputs(input_ids, attention_mask, images,
+                                                       image_token_id, labels, "right",
+                                                       segment_ids)
         logits = self.language_model(embeds, attention_mask=None if bool(mask.all()) else mask,
-                                     position_ids=None, cache=None)    # (B, L, V)
+                                     position_ids=None, cache=None,
+                                     segment_ids=seg[0] if seg else None)  # (B, L, V)
         loss = None
         if labels is not None:
             target = labels[:, 1:]                                      # (B, L-1)

@@ -16,7 +16,8 @@ The chat template (LLaVA-1.5's, one line): "USER: <image>\\n{question} ASSISTANT
 so training and generation see the same prompt tokens. `conversation([(q1, a1), (q2, a2), ...])`
 is a multi-turn training text about one image, LLaVA-1.5's "...{a1}</s>USER: {q2} ASSISTANT:
 {a2}</s>..." (each later turn encoded on its own, so its first piece carries sentencepiece's
-dummy-prefix space; ours).
+dummy-prefix space; ours). `questions([...])`, the training default, packs the same pairs so
+that each question sees the image prompt but not the other questions (`minihires.shared_prefix`).
 """
 from __future__ import annotations
 
@@ -98,14 +99,17 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *,
-              byte_fallback: bool | None = None) -> "Tokenizer":
+              byte_fallback: bool | None = None, span_words: bool = False) -> "Tokenizer":
         """Train a BPE model on `texts` (an iterable of str, one sentence each).
 
         vocab_size is an upper bound (hard_vocab_limit=False): a small corpus may yield fewer
         pieces, never more, so `vocab_size` of the LLM can be set to the requested value.
         byte_fallback (default: on iff vocab_size >= MIN_BYTE_FALLBACK_VOCAB) makes any text
-        encodable through byte pieces. The chat template's text is added to the corpus so its
-        characters and pieces always exist. Deterministic: one thread, no sampling.
+        encodable through byte pieces. span_words lets a piece cross a space (sentencepiece's
+        split_by_whitespace=False): on a small closed corpus such as EntityGrid-QA's, whole
+        phrases ("▁top▁left", "▁red▁stripes") become pieces. The chat template's text is added
+        to the corpus so its characters and pieces always exist. Deterministic: one thread, no
+        sampling.
         """
         if isinstance(texts, str):
             raise TypeError("texts must be an iterable of strings, not one string")
@@ -133,7 +137,8 @@ class Tokenizer:
                 character_coverage=1.0, required_chars="\n",
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=[IMAGE_TOKEN],
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_digits=True, num_threads=1, minloglevel=2)
+                split_digits=True, split_by_whitespace=not span_words, num_threads=1,
+                minloglevel=2)
         except RuntimeError as e:
             if bad_item:
                 raise bad_item[0] from None
@@ -206,13 +211,7 @@ class Tokenizer:
         """(ids, labels) of several questions and answers about one image: turn 0 is
         `chat(q, a)`, each later turn appends "USER: {q} ASSISTANT:" (unlabelled) and
         " {a}</s>" (labelled). One turn gives exactly `chat(q, a)`."""
-        turns = list(turns)
-        if not turns:
-            raise ValueError("a conversation needs at least one (question, answer) turn")
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, (tuple, list)) or len(turn) != 2:
-                raise TypeError(f"turn {i} must be a (question, answer) pair, got {turn!r}")
-            _check_turn(*turn, i, answer_required=True)
+        turns = _check_turns(turns)
         ids, labels = self.chat(*turns[0])
         for question, answer in turns[1:]:
             prompt = self.encode(_TURN.format(question=question))
@@ -220,6 +219,35 @@ class Tokenizer:
             ids = ids + prompt + target
             labels = labels + [IGNORE_INDEX] * len(prompt) + target
         return ids, labels
+
+    def questions(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
+        """(ids, labels, segments) of several questions about one image that share its prompt
+        but not each other (`minihires.shared_prefix`): `chat(q1, a1)`, then for each later
+        turn the ids `chat(q, a)` has after its <image> token. segments is 0 up to and
+        including <image>, k for turn k's tokens. One turn gives exactly `chat(q, a)`."""
+        turns = _check_turns(turns)
+        ids, labels = self.chat(*turns[0])
+        start = ids.index(self.image_id) + 1                       # the shared prefix's length
+        segments = [0] * start + [1] * (len(ids) - start)
+        for k, (question, answer) in enumerate(turns[1:], 2):
+            turn_ids, turn_labels = self.chat(question, answer)
+            if turn_ids[:start] != ids[:start]:                    # cannot happen: <image> splits
+                raise AssertionError("the chat prompt's prefix changed with the question")
+            ids, labels = ids + turn_ids[start:], labels + turn_labels[start:]
+            segments += [k] * (len(turn_ids) - start)
+        return ids, labels, segments
+
+
+def _check_turns(turns) -> list:
+    """A non-empty list of (question, answer) pairs, each checked by `_check_turn`."""
+    turns = list(turns)
+    if not turns:
+        raise ValueError("a conversation needs at least one (question, answer) turn")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, (tuple, list)) or len(turn) != 2:
+            raise TypeError(f"turn {i} must be a (question, answer) pair, got {turn!r}")
+        _check_turn(*turn, i, answer_required=True)
+    return turns
 
 
 def _check_turn(question, answer, i: int, answer_required: bool) -> None:

@@ -4,7 +4,8 @@
     model      <- preset (default tiny) + ablation switches, random init from --seed
     for step in 0..steps-1:
         batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
-                  a conversation of `turns` questions about it (data.conversation)
+                  with `turns` questions about it (data.conversation), packed so that each
+                  sees the image but not the others (minihires.shared_prefix)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
     metrics    <- greedy KV-cache answers on the fixed test split (data.evaluate)
 
@@ -15,7 +16,8 @@ CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes.
 
 Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr), AdamW
 betas (0.9, 0.98), weight decay on matrices only, gradient clipping at 1, bf16 autocast on
-GPU only, several questions per training image (`turns`, see `minihires.data`), and
+GPU only, several questions per training image that do not see each other (`turns`,
+`chat_turns`, see `minihires.data`), and
 `vision_lr_scale`: the ViT encoder (embeddings and blocks; not the SliceRestore adapters)
 learns at a fraction of the peak lr. Measured with the previous defaults (tiny, seed 0, 1000
 steps, one question per image): recognition 11% with --vision-lr-scale 1, 77% with 0.1.
@@ -50,7 +52,7 @@ from . import checkpoint as ckpt
 from . import data
 from .data import results_table
 from .config import PRESETS, ModelConfig, preset
-from .entitygrid import EntityGridConfig, question_texts
+from .entitygrid import POSITIONS, EntityGridConfig, question_texts
 from .model import HiResLLaVA
 from .tokenizer import Tokenizer
 
@@ -62,6 +64,8 @@ class TrainConfig:
     steps: int = 1200
     batch_size: int = 32           # images per step per rank
     turns: int = 5                 # questions per training image (data.conversation)
+    chat_turns: bool = False       # True: the turns as one conversation, each sees the
+                                   # earlier ones; False: each sees only the image prompt
     lr: float = 1e-3
     min_lr_ratio: float = 0.05     # cosine ends at lr * min_lr_ratio
     warmup_steps: int = 60
@@ -70,6 +74,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     vocab_size: int = 256          # tokenizer pieces (an upper bound)
+    span_words: bool = False       # tokenizer pieces may cross spaces: every answer one piece
+    train_max_entities: int = 2    # training recognition/position images hold 1..this many
+                                   # entities (the test split: 1..2, EntityGridConfig)
     eval_n: int = 540              # test samples; 0 skips the evaluation
     eval_batch_size: int = 180
     ckpt_every: int = 200          # steps between resume checkpoints
@@ -91,6 +98,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "turns", "eval_batch_size", "ckpt_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                  "an int >= 1")
+        need(isinstance(self.train_max_entities, int)
+             and 1 <= self.train_max_entities <= len(POSITIONS), "train_max_entities",
+             f"an int in 1..{len(POSITIONS)} (one entity per place)")
         need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
              "threads", "an int >= 1 or None")
         need(isinstance(self.eval_n, int) and self.eval_n >= 0, "eval_n", "an int >= 0")
@@ -129,7 +139,8 @@ def build(tc: TrainConfig) -> tuple[ModelConfig, EntityGridConfig, Tokenizer]:
     """Model config (paired with the tokenizer), data config and the trained tokenizer."""
     model_cfg = tc.model_config()
     data_cfg = data.data_config(model_cfg)
-    tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size)
+    tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size,
+                                span_words=tc.span_words)
     if tokenizer.vocab_size > model_cfg.llama.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
                          f"llama.vocab_size = {model_cfg.llama.vocab_size}")
@@ -192,6 +203,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     model_cfg, data_cfg, tokenizer = build(tc)
+    train_cfg = dataclasses.replace(data_cfg, max_entities=tc.train_max_entities)  # the stream's
     torch.manual_seed(tc.seed)
     model = HiResLLaVA(model_cfg).to(device)
     opt = make_optimizer(model, tc)
@@ -227,8 +239,9 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
             lr = lr_at(step, tc)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            samples = data.train_samples(tc.seed, step, tc.batch_size, data_cfg, rank, world)
-            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, data_cfg).to(device)
+            samples = data.train_samples(tc.seed, step, tc.batch_size, train_cfg, rank, world)
+            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg,
+                                    tc.chat_turns).to(device)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 _, loss = ddp(**batch.kwargs())
             opt.zero_grad(set_to_none=True)
@@ -275,6 +288,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
                "overlap": model_cfg.overlap, "crop_embedding": model_cfg.crop_embedding,
                "vision_lr_scale": tc.vision_lr_scale, "turns": tc.turns,
+               "chat_turns": tc.chat_turns, "span_words": tc.span_words,
+               "train_max_entities": tc.train_max_entities,
                "param_hash": param_hash(model), "rank_param_hashes": hashes}
     if tc.eval_n:
         t0 = time.perf_counter()
@@ -291,7 +306,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
 
 # ---------------------------------------------------------------------------- command line
 
-_CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "lr", "vision_lr_scale", "seed", "eval_n",
+_CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
+                 "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
                  "warmup_steps", "ckpt_every")
 
@@ -306,7 +322,16 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per step per rank (default {d.batch_size})")
     p.add_argument("--turns", type=int, default=None,
-                   help=f"questions per training image, one conversation (default {d.turns})")
+                   help=f"questions per training image (default {d.turns})")
+    p.add_argument("--chat-turns", dest="chat_turns", action="store_const", const=True,
+                   help="ask an image's questions as one conversation, each seeing the earlier "
+                        "questions and answers (default: each sees only the image prompt)")
+    p.add_argument("--span-words", dest="span_words", action="store_const", const=True,
+                   help="let tokenizer pieces cross spaces, so each answer is one piece "
+                        "(default: pieces end at spaces)")
+    p.add_argument("--train-max-entities", type=int, default=None, metavar="N",
+                   help="training recognition/position images hold 1..N entities "
+                        f"(default {d.train_max_entities}; the test split holds 1..2)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--vision-lr-scale", type=float, default=None,
                    help=f"the vision tower's lr as a fraction of --lr (default {d.vision_lr_scale})")
@@ -343,6 +368,7 @@ def cli_train(argv: list[str]) -> int:
         try:
             run_dir = ckpt.check_run_dir(args.resume, ckpt.CONFIG, ckpt.TOKENIZER, ckpt.STATE)
             _, saved, _ = ckpt.load_config(run_dir)
+            saved.setdefault("chat_turns", True)     # run folders from before packing chatted
             tc = TrainConfig(**saved)
         except (FileNotFoundError, ValueError, TypeError) as e:
             p.error(f"--resume: {e}")
@@ -369,7 +395,7 @@ def cli_train(argv: list[str]) -> int:
     if rank == 0:
         model_cfg = tc.model_config()
         print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
-              f"x {tc.turns} questions, "
+              f"x {tc.turns} questions{' (one conversation)' if tc.chat_turns else ''}, "
               f"lr {tc.lr}, seed {tc.seed}, device {tc.device}"
               + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
               + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "

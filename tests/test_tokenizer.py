@@ -128,6 +128,28 @@ def test_conversation_labels_every_answer_and_nothing_else(small):
     assert all(sp[-1] == small.eos_id for sp in spans)
 
 
+def test_questions_share_the_image_prompt_and_nothing_else(small):
+    turns = [("What is at the top left?", "red star"), ("Where is the blue moon?", "top"),
+             ("How many stars?", "two")]
+    ids1, labels1 = small.chat(*turns[0])
+    assert small.questions(turns[:1]) == (ids1, labels1, [0] * 5 + [1] * (len(ids1) - 5))
+    ids, labels, segments = small.questions(turns)
+    start = ids.index(small.image_id) + 1                  # <s> USER : _ <image>
+    assert start == 5 and segments[:start] == [0] * start
+    assert len(ids) == len(labels) == len(segments) and segments == sorted(segments)
+    assert ids.count(small.image_id) == 1 and ids.count(small.bos_id) == 1
+    for k, (q, a) in enumerate(turns, 1):
+        own = [i for i, sg in enumerate(segments) if sg == k]
+        chat_ids, chat_labels = small.chat(q, a)
+        # question k's tokens are exactly what chat(q, a) has after the image prompt
+        assert [ids[i] for i in own] == chat_ids[start:]
+        assert [labels[i] for i in own] == chat_labels[start:]
+    with pytest.raises(ValueError, match="at least one"):
+        small.questions([])
+    with pytest.raises(TypeError, match="turn 1 must be a"):
+        small.questions([("q?", "a"), ("q?",)])
+
+
 def test_conversation_rejects_bad_turns(small):
     with pytest.raises(ValueError, match="at least one"):
         small.conversation([])

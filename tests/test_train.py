@@ -1,5 +1,6 @@
 """minihires train / eval: run folder, metrics, atomic checkpoints, resume = uninterrupted,
 eval reproduces train's numbers, step-indexed data, the lr schedule, bad input."""
+import dataclasses
 import json
 import math
 import re
@@ -127,6 +128,54 @@ def test_different_seeds_differ(tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_stream_holds_up_to_train_max_entities_and_the_test_split_two(tmp_path):
+    """The training images for recognition and position hold 1..train_max_entities entities;
+    the test split (and the data config saved for eval) keeps EntityGridConfig's 1..2."""
+    assert cli_train(["--steps", "1", "--eval-n", "0", "--batch-size", "2", "--quiet",
+                      "--train-max-entities", "4", "--out", str(tmp_path / "r")]) == 0
+    _, saved, data_cfg = ckpt.load_config(tmp_path / "r")
+    assert saved["train_max_entities"] == 4 and data_cfg.max_entities == 2
+    cfg = dataclasses.replace(data_cfg, max_entities=4)
+    counts = {len(s.entities) for s in data.train_samples(0, 0, 200, cfg) if s.task != "counting"}
+    assert counts == {1, 2, 3, 4}
+    assert {len(s.entities) for s in entitygrid.test_split(60, data_cfg)
+            if s.task != "counting"} == {1, 2}
+
+
+def test_the_tokenizer_writes_each_answer_as_one_piece_unless_word_pieces():
+    """--span-words: every EntityGrid-QA answer is one piece (two at most without), and decodes
+    back either way."""
+    for span, longest in ((True, 1), (False, 2)):
+        _, cfg, tok = build(TrainConfig(span_words=span))
+        lengths = [len(tok.encode(a)) for a in entitygrid.answer_vocabulary(cfg)]
+        assert max(lengths) == longest
+        assert all(tok.decode(tok.encode(a)) == a for a in entitygrid.answer_vocabulary(cfg))
+
+
+def test_chat_turns_flag_is_saved_and_resumed(tmp_path):
+    """--chat-turns trains on conversations (other weights than the packed default), is kept
+    in config.json and metrics.json, and a run folder saved before the flag existed resumes
+    as the conversation it was."""
+    args = ["--steps", "2", "--eval-n", "0", "--batch-size", "2", "--turns", "3", "--quiet"]
+    before = ["--chat-turns"]
+    outs = {c: tmp_path / ("chat" if c else "packed") for c in (True, False)}
+    for c, out in outs.items():
+        assert cli_train([*args, *(before if c else []), "--out", str(out)]) == 0
+        assert json.loads((out / ckpt.METRICS).read_text())["chat_turns"] is c
+        assert ckpt.load_config(out)[1]["chat_turns"] is c
+    a, b = (load_file(o / ckpt.WEIGHTS) for o in outs.values())
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    old = tmp_path / "old"                                   # stopped, then the keys removed
+    assert cli_train([*args, *before, "--out", str(old), "--stop-at", "1"]) == 0
+    cfg = json.loads((old / ckpt.CONFIG).read_text())
+    for key in ("chat_turns", "span_words", "train_max_entities"):
+        del cfg["train"][key]
+    (old / ckpt.CONFIG).write_text(json.dumps(cfg))
+    assert cli_train(["--resume", str(old), "--quiet"]) == 0
+    assert load_file(old / ckpt.WEIGHTS).keys() == a.keys()
+    assert all(torch.equal(load_file(old / ckpt.WEIGHTS)[k], a[k]) for k in a)
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "f.json"
     ckpt.write_json(path, {"v": 1})
@@ -188,6 +237,79 @@ def test_make_batch_labels_every_turn():
         assert one.labels[b][one.labels[b] != -100].tolist() == tok.encode(s.answer, eos=True)
 
 
+def test_make_batch_packs_the_questions_unless_chat():
+    """Default: each question after the shared image prompt, in its own segment; chat=True:
+    the LLaVA conversation, no segments. One turn is the same batch either way."""
+    tc = TrainConfig()
+    model_cfg, cfg, tok = build(tc)
+    samples = data.train_samples(0, 0, 4, cfg)
+    packed = data.make_batch(samples, tok, model_cfg, 3, cfg)
+    chat = data.make_batch(samples, tok, model_cfg, 3, cfg, chat=True)
+    assert chat.segment_ids is None and packed.segment_ids is not None
+    for b, s in enumerate(samples):
+        conv = data.conversation(s, 3, cfg)
+        n = int(packed.attention_mask[b].sum())
+        seg = packed.segment_ids[b, :n].tolist()
+        assert (seg, packed.input_ids[b, :n].tolist()) == tuple(reversed(tok.questions(conv)[::2]))
+        assert max(seg) == len(conv)
+        for lab in (packed.labels[b], chat.labels[b]):          # the same answers either way
+            assert tok.decode(lab[lab != -100].tolist()) == " ".join(a for _, a in conv)
+    one, one_chat = (data.make_batch(samples, tok, model_cfg, 1, cfg, chat=c) for c in (0, 1))
+    assert torch.equal(one.input_ids, one_chat.input_ids)
+
+
+def test_packed_questions_score_as_if_asked_alone():
+    """The model's loss on a packed batch of 3 questions per image equals the loss of the
+    same questions asked one per row (each with its image), token for token."""
+    tc = TrainConfig()
+    model_cfg, cfg, tok = build(tc)
+    torch.manual_seed(0)
+    model = HiResLLaVA(model_cfg).double().eval()
+    samples = data.train_samples(0, 0, 3, cfg)
+    packed = data.make_batch(samples, tok, model_cfg, 3, cfg)
+    rows = []
+    for s in samples:
+        crops, grid = data.image_inputs(s.image, model_cfg)
+        rows += [(crops, grid, *tok.chat(q, a)) for q, a in data.conversation(s, 3, cfg)]
+    alone = data.collate(rows, tok.pad_id)
+    with torch.no_grad():
+        kw = packed.kwargs()
+        kw["pixel_values"] = kw["pixel_values"].double()
+        lp, _ = model(**kw)
+        kw = alone.kwargs()
+        kw["pixel_values"] = kw["pixel_values"].double()
+        la, _ = model(**kw)
+    # gather (logits at the position before each answer token) in order, for both layouts
+    def answer_logits(logits, input_ids, labels, n_img):
+        out = []
+        for b in range(labels.shape[0]):
+            idx = (labels[b] != -100).nonzero().flatten() + n_img - 1 - 1   # spliced, shifted
+            out.append(logits[b, idx])
+        return torch.cat(out)
+    n_img = model.num_image_tokens(packed.grids[0])
+    torch.testing.assert_close(answer_logits(lp, packed.input_ids, packed.labels, n_img),
+                               answer_logits(la, alone.input_ids, alone.labels, n_img),
+                               rtol=0, atol=1e-9)
+
+
+def test_packed_batches_with_bad_segments_are_named():
+    tc = TrainConfig()
+    model_cfg, cfg, tok = build(tc)
+    model = HiResLLaVA(model_cfg)
+    samples = data.train_samples(0, 0, 2, cfg)
+    batch = data.make_batch(samples, tok, model_cfg, 3, cfg)
+    bad = batch.segment_ids.clone()
+    bad[batch.input_ids == tok.image_id] = 1                       # image inside a question
+    with pytest.raises(ValueError, match="shared prefix"):
+        model(**{**batch.kwargs(), "segment_ids": bad})
+    with pytest.raises(ValueError, match="segment_ids must be shaped like input_ids"):
+        model(**{**batch.kwargs(), "segment_ids": batch.segment_ids[:, :-1]})
+    crops, grid = data.image_inputs(samples[0].image, model_cfg)
+    ids, labels, segments = tok.questions(data.conversation(samples[0], 3, cfg))
+    with pytest.raises(ValueError, match="segments must be given for every example"):
+        data.collate([(crops, grid, ids, labels, segments), (crops, grid, ids, labels)], tok.pad_id)
+
+
 def test_lr_schedule():
     tc = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, tc) == pytest.approx(1e-4)
@@ -243,6 +365,8 @@ def test_crop_embedding_switch():
     (["--compression", "max"], "invalid choice"),
     (["--preset", "huge"], "invalid choice"),
     (["--eval-n", "-1"], "eval_n must be an int >= 0"),
+    (["--train-max-entities", "0"], r"train_max_entities must be an int in 1..9"),
+    (["--train-max-entities", "10"], r"train_max_entities must be an int in 1..9"),
     (["--resume", "/nonexistent/run"], "does not exist"),
     (["--resume", "/nonexistent/run", "--steps", "5"], "drop --steps"),
     (["--stop-at", "0"], "--stop-at must be >= 1"),
