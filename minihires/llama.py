@@ -240,11 +240,9 @@ class Llama(nn.Module):
         if segment_ids is not None:
             if past:
                 raise ValueError("segment_ids packs a fresh sequence; it cannot extend a cache")
-            if tuple(getattr(segment_ids, "shape", ())) != (B, T):
-                raise ValueError(f"segment_ids must be (B, T) = ({B}, {T}), "
-                                 f"got {tuple(getattr(segment_ids, 'shape', ()))}")
-            segment_ids = segment_ids.to(device)
-            shared_prefix.check(segment_ids, attention_mask)
+            if isinstance(segment_ids, torch.Tensor):
+                segment_ids = segment_ids.to(device)
+            shared_prefix.check(segment_ids, attention_mask, (B, T))
         if position_ids is None and segment_ids is not None:
             position_ids = shared_prefix.positions(segment_ids, attention_mask)  # (B, T)
         elif position_ids is None and attention_mask is not None:

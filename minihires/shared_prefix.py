@@ -22,18 +22,17 @@ from __future__ import annotations
 import torch
 
 
-def check(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-    """Shape, dtype and layout checks, so a malformed packing fails loudly, not silently."""
-    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2:
-        shape = tuple(getattr(segment_ids, "shape", ()))
-        raise ValueError(f"segment_ids must be (B, S), got {shape}")
+def check(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+          shape: tuple[int, int]) -> None:
+    """Shape (`shape`: the tokens' (B, S), already attention_mask's), dtype and layout checks,
+    so a malformed packing fails loudly, not silently."""
+    if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != tuple(shape):
+        raise ValueError(f"segment_ids must be (B, T) = {tuple(shape)}, "
+                         f"got {tuple(getattr(segment_ids, 'shape', ()))}")
     if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
         raise TypeError(f"segment_ids must be integers, got {segment_ids.dtype}")
     real = torch.ones_like(segment_ids, dtype=torch.bool) if attention_mask is None \
         else attention_mask.bool()
-    if attention_mask is not None and attention_mask.shape != segment_ids.shape:
-        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} and attention_mask "
-                         f"{tuple(attention_mask.shape)} must have the same shape")
     seg = segment_ids.masked_fill(~real, 0)
     if bool((seg < 0).any()):
         raise ValueError("segment_ids must be >= 0 (0 = the shared prefix)")
