@@ -142,7 +142,7 @@ def test_training_stream_holds_up_to_train_max_entities_and_the_test_split_two(t
             if s.task != "counting"} == {1, 2}
 
 
-def test_the_tokenizer_writes_each_answer_as_one_piece_unless_word_pieces():
+def test_span_words_writes_each_answer_as_one_piece():
     """--span-words: every EntityGrid-QA answer is one piece (two at most without), and decodes
     back either way."""
     for span, longest in ((True, 1), (False, 2)):
