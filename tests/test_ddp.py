@@ -25,12 +25,14 @@ def test_ranks_draw_disjoint_samples():
 
 
 def test_torchrun_two_ranks_stay_in_sync(tmp_path):
+    """2 gloo ranks, 4 steps, the vision side frozen from step 2 (DDP is rebuilt there)."""
     out = tmp_path / "ddp"
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "minihires", "train", "--steps", "4", "--batch-size", "2", "--eval-n", "3",
+           "--freeze-vision-at", "2",
            "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -119,6 +119,28 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert ma["param_hash"] == mb["param_hash"] and ma["accuracy"] == mb["accuracy"]
 
 
+def test_freeze_vision_at_stops_the_vision_side_and_resumes_across_it(tmp_path):
+    """--freeze-vision-at 2: from step 2 the ViT, SRA adapters and sampler keep their
+    weights while the rest trains; stopping at the freeze and resuming is bitwise the
+    uninterrupted run."""
+    args = ["--steps", "4", "--freeze-vision-at", "2", "--eval-n", "0", "--batch-size", "2",
+            "--quiet"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli_train([*args, "--out", str(straight)]) == 0
+    assert cli_train([*args, "--out", str(split), "--stop-at", "2"]) == 0
+    at_freeze = load_file(split / ckpt.WEIGHTS)
+    assert cli_train(["--resume", str(split), "--quiet"]) == 0
+    a, b = load_file(straight / ckpt.WEIGHTS), load_file(split / ckpt.WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    vision = [k for k in a if k.startswith(("vision_tower.", "sampler."))]
+    assert vision and any(k.startswith("vision_tower.sra.") for k in vision)
+    assert all(torch.equal(a[k], at_freeze[k]) for k in vision)
+    rest = [k for k in a if k not in vision]
+    assert all(not torch.equal(a[k], at_freeze[k]) for k in rest
+               if k.startswith(("language_model.", "multi_modal_projector.")))
+    assert json.loads((straight / ckpt.METRICS).read_text())["freeze_vision_at"] == 2
+
+
 def test_different_seeds_differ(tmp_path):
     outs = [tmp_path / f"s{s}" for s in (0, 1)]
     for s, out in zip((0, 1), outs):
@@ -154,21 +176,22 @@ def test_span_words_writes_each_answer_as_one_piece():
 
 def test_chat_turns_flag_is_saved_and_resumed(tmp_path):
     """--chat-turns trains on conversations (other weights than the packed default), is kept
-    in config.json and metrics.json, and a run folder saved before the flag existed resumes
-    as the conversation it was."""
+    in config.json and metrics.json, and a run folder saved before the flags existed resumes
+    as it was trained: a conversation, with pieces that end at spaces."""
     args = ["--steps", "2", "--eval-n", "0", "--batch-size", "2", "--turns", "3", "--quiet"]
-    before = ["--chat-turns"]
+    before = ["--chat-turns", "--no-span-words"]             # as runs were before the flags
     outs = {c: tmp_path / ("chat" if c else "packed") for c in (True, False)}
     for c, out in outs.items():
         assert cli_train([*args, *(before if c else []), "--out", str(out)]) == 0
         assert json.loads((out / ckpt.METRICS).read_text())["chat_turns"] is c
         assert ckpt.load_config(out)[1]["chat_turns"] is c
+        assert ckpt.load_config(out)[1]["span_words"] is not c          # on by default
     a, b = (load_file(o / ckpt.WEIGHTS) for o in outs.values())
     assert not all(torch.equal(a[k], b[k]) for k in a)
     old = tmp_path / "old"                                   # stopped, then the keys removed
     assert cli_train([*args, *before, "--out", str(old), "--stop-at", "1"]) == 0
     cfg = json.loads((old / ckpt.CONFIG).read_text())
-    for key in ("chat_turns", "span_words", "train_max_entities"):
+    for key in ("chat_turns", "span_words", "train_max_entities", "freeze_vision_at"):
         del cfg["train"][key]
     (old / ckpt.CONFIG).write_text(json.dumps(cfg))
     assert cli_train(["--resume", str(old), "--quiet"]) == 0
@@ -365,6 +388,7 @@ def test_crop_embedding_switch():
     (["--compression", "max"], "invalid choice"),
     (["--preset", "huge"], "invalid choice"),
     (["--eval-n", "-1"], "eval_n must be an int >= 0"),
+    (["--freeze-vision-at", "-1"], "freeze_vision_at must be an int >= 0 or None"),
     (["--train-max-entities", "0"], r"train_max_entities must be an int in 1..9"),
     (["--train-max-entities", "10"], r"train_max_entities must be an int in 1..9"),
     (["--resume", "/nonexistent/run"], "does not exist"),
