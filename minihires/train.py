@@ -241,10 +241,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    frozen = tc.freeze_vision_at is not None and start >= tc.freeze_vision_at
-    if frozen:
-        freeze_vision(model)
-    ddp = wrap()
+    frozen, ddp = False, wrap()         # the loop freezes at freeze_vision_at, or at once on
+                                        # resuming past it
 
     def save(step: int) -> None:
         if rank == 0:
