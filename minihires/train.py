@@ -173,8 +173,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 def freeze_vision(model: HiResLLaVA) -> None:
     """Stop training the vision side (ViT, SRA adapters, sampler): autograd then skips the
-    backward through it, a third of a tiny-preset CPU step (forward, backward and AdamW:
-    0.35 s -> 0.23 s at 2 threads). The optimizer keeps their state; AdamW skips parameters
+    backward through it, a third of a tiny-preset CPU step (`train --steps 60 --eval-n 0`,
+    train time / 60 at 2 threads: 0.35 s, and 0.23 s with --freeze-vision-at 0). The optimizer keeps their state; AdamW skips parameters
     without a gradient."""
     for module in (model.vision_tower, getattr(model, "sampler", None)):
         if module is not None:
