@@ -3,6 +3,9 @@
 The C++ CPU kernels are always built. The CUDA kernels are built too when this torch has
 CUDA and a CUDA toolkit is found, or when FORCE_CUDA=1 (FORCE_CUDA=0 builds CPU only).
 TORCH_CUDA_ARCH_LIST is respected (e.g. TORCH_CUDA_ARCH_LIST=9.0 for an H200).
+Build knobs for the CUDA kernels (tests/gpu/run.sh sets both):
+    MINIHIRES_PTXAS_VERBOSE=1   print each kernel's registers, stack frame and spills (-Xptxas -v)
+    MINIHIRES_NVCC_THREADS=N    nvcc --split-compile=N: optimise one .cu file on N threads (0 = all CPUs)
 
 Install with the torch you already have:  pip install --no-build-isolation -e .
 Nothing here touches the network.
@@ -44,10 +47,15 @@ def extensions():
     print(f"minihires: building the {'CPU + CUDA' if use_cuda else 'CPU'} kernels ({why}); "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}", flush=True)
     if use_cuda:
+        # --use_fast_math: faster exp/log/division, so float32 results differ from the CPU's by
+        # a few ulps (csrc/README.md); the tests' tolerances allow for it.
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+        if os.environ.get("MINIHIRES_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        if os.environ.get("MINIHIRES_NVCC_THREADS"):
+            nvcc.append(f"--split-compile={int(os.environ['MINIHIRES_NVCC_THREADS'])}")
         return [CUDAExtension("minihires._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")],
-                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
-                                                                       "-lineinfo"]},
-                              extra_link_args=["-fopenmp"])]
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
     return [CppExtension("minihires._C", cpp, include_dirs=[os.path.join(HERE, "csrc")],
                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 

@@ -1,12 +1,15 @@
 """`python -m minihires COMMAND ...`: one dispatcher, each command lives in its module.
 
 A command module defines `cli_<command>(argv: list[str]) -> int` with its own argparse,
-so adding a command never touches the others.
+so adding a command never touches the others. A user error (bad flag, file or folder) ends a
+command with one line, `error: <message>`, and exit status 2 (`minihires.cli_errors`).
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from .cli_errors import UserError, report
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -35,10 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        report(UserError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+                         "(`python -m minihires --help`)"))
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(getattr(module, f"cli_{command}")(rest) or 0)
+    try:
+        return int(getattr(module, f"cli_{command}")(rest) or 0)
+    except UserError as e:                   # a command without the cli_errors.command wrapper
+        report(e)
+        return 2
 
 
 if __name__ == "__main__":

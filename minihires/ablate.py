@@ -17,13 +17,13 @@ measures overlap and resampling together).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
-import time
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from . import train as T
+from .cli_errors import ArgumentParser, UserError, command, user_input
 from .data import results_table
 
 OVERLAP = 0.25
@@ -69,11 +69,12 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
     return "\n".join(lines)
 
 
+@command
 def cli_ablate(argv: list[str]) -> int:
     d = T.TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m minihires ablate",
-                                description="Train every ablation variant with one budget and "
-                                            "print the table.")
+    p = ArgumentParser(prog="python -m minihires ablate",
+                       description="Train every ablation variant with one budget and print "
+                                   "the table.")
     p.add_argument("--steps", type=int, default=d.steps, help=f"steps per variant (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--turns", type=int, default=d.turns, help=f"questions per training image "
@@ -99,14 +100,21 @@ def cli_ablate(argv: list[str]) -> int:
     base = T.TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          turns=args.turns, lr=args.lr, eval_n=args.eval_n, device=args.device,
                          threads=args.threads)
-    try:
+    with user_input():
         for s in args.seeds:
             dataclasses.replace(base, seed=s).validate()
-    except ValueError as e:
-        p.error(str(e))
-    runs = Path(args.runs or Path("runs") / time.strftime("ablate-%Y%m%d-%H%M%S"))
-    if runs.exists() and any(runs.iterdir()):
-        p.error(f"--runs {runs} is not empty; choose another folder")
+    if args.out is not None:                       # checked now, not after hours of training
+        out = Path(args.out)
+        parent = next((q for q in out.parents if q.exists()), Path("."))
+        if out.is_dir():
+            p.error(f"--out {out} is a folder; give the path of the Markdown file to write")
+        if not parent.is_dir():
+            p.error(f"--out {out}: {parent} is not a folder")
+    if args.runs is not None and Path(args.runs).exists() and (
+            not Path(args.runs).is_dir() or any(Path(args.runs).iterdir())):
+        p.error(f"--runs {args.runs} is not an empty folder; choose another folder")
+    with user_input():
+        runs = ckpt.claim_run_dir(args.runs, prefix="ablate-", flag="--runs")
     out = Path(args.out) if args.out else runs / "ablation.md"
 
     results: dict[str, list[dict]] = {}
@@ -115,7 +123,10 @@ def cli_ablate(argv: list[str]) -> int:
         for seed in args.seeds:
             tc = dataclasses.replace(base, seed=seed, **switches)
             print(f"== {name} (seed {seed}): {tc.steps} steps x {tc.batch_size}", flush=True)
-            m = T.train(tc, runs / f"{key}-seed{seed}", progress=not args.quiet)
+            try:
+                m = T.train(tc, runs / f"{key}-seed{seed}", progress=not args.quiet)
+            except T.Diverged as e:
+                raise UserError(f"{name}, seed {seed}: {e}") from e
             print(results_table(m, f"{name}, seed {seed}"), flush=True)
             results.setdefault(key, []).append(m)
     table = markdown_table(results, base, args.seeds)

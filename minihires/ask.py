@@ -11,9 +11,12 @@ llava-hf/llava-1.5-7b-hf downloaded beforehand; it runs as HiResLLaVA in "llava1
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 
 import torch
+
+from .cli_errors import ArgumentParser, check_device, command, user_input
+from .slicing import load_image
 
 
 def load_model(args) -> tuple[torch.nn.Module, object]:
@@ -27,10 +30,11 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
     return model, tokenizer
 
 
+@command
 def cli_ask(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minihires ask", description=__doc__,
-                                usage="%(prog)s [options] (RUN_DIR | --hf-llava DIR) IMAGE QUESTION",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m minihires ask", description=__doc__,
+                       usage="%(prog)s [options] (RUN_DIR | --hf-llava DIR) IMAGE QUESTION",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-llava", metavar="DIR",
                    help="a LLaVA-1.5 checkpoint folder in the HF layout (instead of RUN_DIR)")
     p.add_argument("paths", nargs="+", metavar="PATH",
@@ -51,20 +55,26 @@ def cli_ask(argv: list[str]) -> int:
         args.run_dir, (image, question) = None, args.paths
     else:
         args.run_dir, image, question = args.paths
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} but torch sees no CUDA GPU")
+    check_device(args.device)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    try:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2 ** 63:
+        p.error(f"--seed must be in 0..2**63-1, got {args.seed}")
+    if not question.strip():
+        p.error("QUESTION is empty")
+    with user_input():
+        picture = load_image(image)                   # before the model: a bad image is quick
         model, tokenizer = load_model(args)
-        generator = None
-        if args.temperature > 0:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        answer = model.generate(image, question, tokenizer, max_new_tokens=args.max_new_tokens,
+    generator = None
+    if args.temperature > 0:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    with user_input():                                # the question: too long, "<image>" in it
+        answer = model.generate(picture, question, tokenizer, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p,
                                 generator=generator)[0]
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(answer)
     return 0

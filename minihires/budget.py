@@ -30,6 +30,7 @@ import math
 import torch
 
 from . import slicing
+from .cli_errors import ArgumentParser, command, user_input
 from .config import LlamaConfig, ModelConfig, ViTConfig, preset
 from .model import HiResLLaVA, uses_slices
 
@@ -236,21 +237,20 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+@command
 def cli_tokens(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minihires tokens", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m minihires tokens", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", action="append", metavar="WxH",
                    help="image size, repeatable or comma-separated (default 672x672,1344x896)")
     p.add_argument("--preset", default="paper", help="model preset (default paper)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                    help=f"text tokens besides the image (default {PROMPT_TOKENS})")
     args = p.parse_args(argv)
-    try:
+    with user_input():
         cfg = preset(args.preset)
         sizes = [parse_size(s) for arg in (args.size or ["672x672,1344x896"])
                  for s in arg.split(",")]
-    except ValueError as e:
-        p.error(str(e))
     if args.prompt_tokens < 0:
         p.error(f"--prompt-tokens must be >= 0, got {args.prompt_tokens}")
     v, lm = cfg.vit, cfg.llama

@@ -20,7 +20,8 @@ Images are rendered once per batch and turned into crops once (`model.image_inpu
 no background loader (ours: simpler and deterministic).
 
 Evaluation answers the fixed test split with batched greedy KV-cache generation
-(`HiResLLaVA.generate`) and scores it with `entitygrid.score`.
+(`HiResLLaVA.generate`) and scores it with `entitygrid.score`, one batch at a time (`Tally`
+adds the batches up), so the split is never held in memory whole.
 """
 from __future__ import annotations
 
@@ -127,20 +128,81 @@ def predict(model: HiResLLaVA, tokenizer, samples: Sequence, batch_size: int = 1
     return answers
 
 
+def split_batches(n: int, cfg: entitygrid.EntityGridConfig, batch_size: int):
+    """The first n samples of the fixed test split, rendered batch_size at a time (so any n
+    fits in memory)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seeds = entitygrid.test_seeds(n)
+    for i in range(0, n, batch_size):
+        yield [entitygrid.sample(s, cfg) for s in seeds[i:i + batch_size]]
+
+
+class Tally:
+    """Running scores of answered samples, batch after batch: the same numbers as
+    `entitygrid.score` and `by_entities` on all of them, without keeping any sample."""
+
+    def __init__(self):
+        self.groups = {g: [0, 0] for g in ("all", *entitygrid.TASKS, "on_seam", "off_seam")}
+        self.cells: dict = {t: {} for t in entitygrid.TASKS}      # task -> {entities: [c, t]}
+
+    def add(self, answers: Sequence[str], samples: Sequence) -> None:
+        if len(answers) != len(samples):
+            raise ValueError(f"answers and samples differ in length: "
+                             f"{len(answers)} vs {len(samples)}")
+        if not samples:
+            return
+        s = entitygrid.score(answers, samples)
+        for g, (c, t) in self.groups.items():
+            key = "total" if g == "all" else g
+            self.groups[g] = [c + s["correct"][key], t + s["counts"][key]]
+        for a, smp in zip(answers, samples):
+            if isinstance(smp, entitygrid.Sample):
+                cell = self.cells[smp.task].setdefault(len(smp.entities), [0, 0])
+                cell[0] += entitygrid.normalize(a) == entitygrid.normalize(smp.answer)
+                cell[1] += 1
+
+    def scores(self) -> dict:
+        """As `entitygrid.score` of every sample added."""
+        if not self.groups["all"][1]:
+            raise ValueError("score needs at least one sample")
+        acc = {g: (100.0 * c / t if t else None) for g, (c, t) in self.groups.items()}
+        on, off = acc["on_seam"], acc["off_seam"]
+        return {"accuracy": acc["all"],
+                **{g: acc[g] for g in (*entitygrid.TASKS, "on_seam", "off_seam")},
+                "discrepancy": None if on is None or off is None else off - on,
+                "counts": {("total" if g == "all" else g): t for g, (_, t) in self.groups.items()},
+                "correct": {("total" if g == "all" else g): c for g, (c, _) in self.groups.items()}}
+
+    def by_entities(self) -> dict:
+        """As `by_entities`: {task: {entities: (correct, total)}}."""
+        return {t: {n: tuple(c) for n, c in sorted(cells.items())}
+                for t, cells in self.cells.items()}
+
+
 def evaluate(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig, n: int,
              batch_size: int = 128, autocast_dtype: torch.dtype | None = None,
-             progress=None) -> tuple[dict, list[str]]:
-    """Score the model on the first n samples of the fixed test split -> (metrics, answers)."""
-    return score_samples(model, tokenizer, cfg, entitygrid.test_split(n, cfg), batch_size,
-                         autocast_dtype, progress)
+             progress=None, on_batch=None) -> tuple[dict, Tally]:
+    """Score the model on the first n samples of the fixed test split -> (metrics, tally).
+
+    The split is rendered, answered and scored one batch at a time; on_batch(samples,
+    answers) sees each batch (e.g. `eval --attention`)."""
+    tally = Tally()
+    max_new = max_answer_tokens(tokenizer, cfg)
+    for samples in split_batches(n, cfg, batch_size):
+        answers = predict(model, tokenizer, samples, batch_size, max_new, autocast_dtype,
+                          progress)
+        tally.add(answers, samples)
+        if on_batch is not None:
+            on_batch(samples, answers)
+    return tally.scores(), tally
 
 
 def score_samples(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig,
                   samples: Sequence[entitygrid.Sample], batch_size: int = 128,
                   autocast_dtype: torch.dtype | None = None, progress=None
                   ) -> tuple[dict, list[str]]:
-    """Answer and score already rendered samples -> (metrics, answers); `evaluate` renders the
-    test split for it, `eval --by-entities/--attention` renders it once and reuses it."""
+    """Answer and score already rendered samples -> (metrics, answers)."""
     answers = predict(model, tokenizer, samples, batch_size, max_answer_tokens(tokenizer, cfg),
                       autocast_dtype, progress)
     return entitygrid.score(answers, samples), answers
@@ -179,12 +241,9 @@ def by_entities(answers: Sequence[str], samples: Sequence[entitygrid.Sample]) ->
     """
     if len(answers) != len(samples):
         raise ValueError(f"answers and samples differ in length: {len(answers)} vs {len(samples)}")
-    out: dict = {t: {} for t in entitygrid.TASKS}
-    for a, s in zip(answers, samples):
-        cell = out[s.task].setdefault(len(s.entities), [0, 0])
-        cell[0] += entitygrid.normalize(a) == entitygrid.normalize(s.answer)
-        cell[1] += 1
-    return {t: {n: tuple(c) for n, c in sorted(cells.items())} for t, cells in out.items()}
+    tally = Tally()
+    tally.add(answers, samples)
+    return tally.by_entities()
 
 
 def by_entities_table(table: dict) -> str:

@@ -23,7 +23,6 @@ stream skips; a test seed also fixes its task and position (i % 3, i // 3 % 9), 
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from minihires.cli_errors import ArgumentParser, command, user_input
 from minihires.entities import CLASSES, COLOURS, POSITIONS, Entity, place, render
 
 TASKS = ("recognition", "position", "counting")
@@ -45,6 +45,7 @@ POSITION_Q = "Where are the {colour} {cls}?"         # -> position name
 COUNTING_Q = "How many entities have {cls}?"         # -> number word
 TEST_SEED_BASE = 2**40     # test seeds: [TEST_SEED_BASE, TEST_SEED_BASE + TEST_SEED_SPAN)
 TEST_SEED_SPAN = 2**24
+MAX_CANVAS_PIXELS = 89_478_485   # `entitygrid --out`: as slicing.MAX_PIXELS, what ask/eval read
 
 
 @dataclass(frozen=True)
@@ -335,18 +336,29 @@ def score(predictions: Sequence[str], samples: Sequence) -> dict:
 
 # ---------------------------------------------------------------------------- export
 
+EXPORT_QUESTIONS, EXPORT_CONFIG = "questions.jsonl", "config.json"
+_EXPORT_IMAGE = re.compile(r"\d{6,}\.png")
+
+
 def export(samples: Iterable[Sample], out_dir, cfg: EntityGridConfig | None = None,
            progress=None) -> list[dict]:
     """Write images/NNNNNN.png and questions.jsonl (and config.json if cfg is given).
 
     Returns the JSONL records; progress(i) is called after each sample.
     """
+    return list(_export(samples, out_dir, cfg, progress))
+
+
+def _export(samples: Iterable[Sample], out_dir, cfg: EntityGridConfig | None = None,
+            progress=None) -> Iterator[dict]:
+    """`export`, one record at a time (the command line keeps none of them). questions.jsonl
+    is created first, so a folder an export has touched is always recognisable as one."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if cfg is not None:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    records = []
-    with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / EXPORT_QUESTIONS, "w", encoding="utf-8") as f:
+        (out / "images").mkdir(exist_ok=True)
+        if cfg is not None:
+            (out / EXPORT_CONFIG).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         for i, s in enumerate(samples):
             name = f"images/{i:06d}.png"
             s.image.save(out / name, format="PNG")
@@ -356,25 +368,76 @@ def export(samples: Iterable[Sample], out_dir, cfg: EntityGridConfig | None = No
                                  "bbox": list(e.bbox), "on_seam": e.on_seam}
                                 for e in s.entities]}
             f.write(json.dumps(rec) + "\n")
-            records.append(rec)
+            yield rec
             if progress is not None:
                 progress(i + 1)
-    return records
+
+
+def is_export(folder) -> bool:
+    """Whether `folder` holds an EntityGrid-QA export (its questions.jsonl)."""
+    return (Path(folder) / EXPORT_QUESTIONS).is_file()
+
+
+def remove_export(folder) -> int:
+    """Delete the files an export wrote in `folder` (questions.jsonl, config.json,
+    images/NNNNNN.png, and images/ if that leaves it empty), nothing else; -> files removed."""
+    folder, n = Path(folder), 0
+    for name in (EXPORT_QUESTIONS, EXPORT_CONFIG):
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            n += 1
+    images = folder / "images"
+    if images.is_dir():
+        for p in images.iterdir():
+            if _EXPORT_IMAGE.fullmatch(p.name) and p.is_file():
+                p.unlink()
+                n += 1
+        if not any(images.iterdir()):
+            images.rmdir()
+    return n
 
 
 def load_export(out_dir) -> list[dict]:
     """The records of questions.jsonl; each record's image path is relative to out_dir."""
-    path = Path(out_dir) / "questions.jsonl"
+    path = Path(out_dir) / EXPORT_QUESTIONS
     if not path.is_file():
         raise FileNotFoundError(f"no questions.jsonl in {out_dir}")
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}, line {i}: not a JSON record ({e})") from None
+    return records
 
 
+def check_export_dir(out: Path, force: bool) -> None:
+    """ValueError (naming --out) unless `out` may receive an export: absent, an empty
+    folder, or, with force, a previous export (whose files the export then replaces)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if is_export(out):
+            if not force:
+                raise ValueError(f"--out {out} already holds an export; pass --force to "
+                                 "overwrite it")
+        elif any(out.iterdir()):
+            raise ValueError(f"--out {out} is not empty and holds no EntityGrid-QA export "
+                             "(questions.jsonl); choose an empty or new folder (--force "
+                             "replaces only a previous export)")
+    else:
+        parent = next((p for p in out.parents if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is not a folder")
+
+
+@command
 def cli_entitygrid(argv: list[str]) -> int:
     """`python -m minihires entitygrid --split test --n 1000 --out DIR`."""
-    p = argparse.ArgumentParser(prog="python -m minihires entitygrid",
-                                description="Export EntityGrid-QA images and questions.")
+    p = ArgumentParser(prog="python -m minihires entitygrid",
+                       description="Export EntityGrid-QA images and questions.")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--out", required=True, help="output folder")
@@ -383,7 +446,8 @@ def cli_entitygrid(argv: list[str]) -> int:
     p.add_argument("--slice-size", type=int, default=EntityGridConfig.slice_size)
     p.add_argument("--rows", type=int, default=EntityGridConfig.rows)
     p.add_argument("--cols", type=int, default=EntityGridConfig.cols)
-    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing export (its files only) in --out")
     args = p.parse_args(argv)
     if not 1 <= args.n <= TEST_SEED_SPAN:
         p.error(f"--n must be in 1..{TEST_SEED_SPAN}, got {args.n}")
@@ -393,15 +457,20 @@ def cli_entitygrid(argv: list[str]) -> int:
     if args.split == "train" and (seed < 0 or is_test_seed(seed)):
         p.error(f"--seed must be >= 0 and outside the test range "
                 f"[{TEST_SEED_BASE}, {TEST_SEED_BASE + TEST_SEED_SPAN}), got {seed}")
-    try:
-        cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols)
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
+    with user_input():
+        try:
+            cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+    if cfg.width * cfg.height > MAX_CANVAS_PIXELS:
+        p.error(f"--slice-size {args.slice_size} with {args.rows}x{args.cols} slices makes a "
+                f"{cfg.width}x{cfg.height} canvas, more than {MAX_CANVAS_PIXELS} pixels")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} exists and is not a folder")
-    if (out / "questions.jsonl").exists() and not args.force:
-        p.error(f"--out {out} already holds an export; pass --force to overwrite it")
+    with user_input():
+        check_export_dir(out, args.force)
+        if is_export(out):
+            remove_export(out)
+        out.mkdir(parents=True, exist_ok=True)
 
     samples = ((sample(s, cfg) for s in test_seeds(args.n)) if args.split == "test"
                else itertools.islice(stream(seed, cfg), args.n))
@@ -413,11 +482,15 @@ def cli_entitygrid(argv: list[str]) -> int:
         if i % step == 0 or i == args.n:
             print(f"  {i}/{args.n}", flush=True)
 
-    records = export(samples, out, cfg, progress)
-    on_seam = sum(r["on_seam"] for r in records)
-    print("per task: " + ", ".join(f"{t} {sum(r['task'] == t for r in records)}" for t in TASKS))
-    print(f"on seam: {on_seam}/{len(records)} ({100.0 * on_seam / len(records):.1f}%)")
-    print(f"wrote {out / 'questions.jsonl'} and {len(records)} images in {out / 'images'}")
+    tasks, on_seam, total = dict.fromkeys(TASKS, 0), 0, 0
+    with user_input(f"--out {out}: "):                # e.g. the disk or the folder is full
+        for r in _export(samples, out, cfg, progress):
+            tasks[r["task"]] += 1
+            on_seam += r["on_seam"]
+            total += 1
+    print("per task: " + ", ".join(f"{t} {tasks[t]}" for t in TASKS))
+    print(f"on seam: {on_seam}/{total} ({100.0 * on_seam / total:.1f}%)")
+    print(f"wrote {out / EXPORT_QUESTIONS} and {total} images in {out / 'images'}")
     return 0
 
 

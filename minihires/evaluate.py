@@ -5,24 +5,30 @@ what the model has not learned (README, "What is left"):
     --by-entities  accuracy per task and number of entities in the image (`data.by_entities`)
     --attention    per LLM layer and head, attention from the answer position to the asked
                    entity and to the other one in two-entity images (`minihires.probe`)
+
+The split is rendered and answered --batch-size samples at a time, so any --n up to the
+split's size runs in bounded memory.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from . import checkpoint as ckpt
 from . import data, probe
+from .cli_errors import ArgumentParser, check_device, command, user_input
 from .data import results_table
-from .entitygrid import test_split
+from .entitygrid import TEST_SEED_SPAN
 from .train import TrainConfig
 
+ATTENTION_TASKS = ("position", "recognition")
 
+
+@command
 def cli_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minihires eval",
-                                description="Re-score a run folder on the EntityGrid-QA test split.")
+    p = ArgumentParser(prog="python -m minihires eval",
+                       description="Re-score a run folder on the EntityGrid-QA test split.")
     p.add_argument("run_dir", help="a folder written by `python -m minihires train`")
     p.add_argument("--n", type=int, default=None, help="test samples (default: the run's eval_n)")
     p.add_argument("--batch-size", type=int, default=180)
@@ -35,35 +41,52 @@ def cli_eval(argv: list[str]) -> int:
                         "position to the asked entity and to the other one (two-entity "
                         "recognition and position questions; minihires.probe)")
     args = p.parse_args(argv)
-    try:
+    check_device(args.device)
+    if args.n is not None and not 1 <= args.n <= TEST_SEED_SPAN:
+        p.error(f"--n must be in 1..{TEST_SEED_SPAN} (the test split's size), got {args.n}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    with user_input():
         model, tokenizer, cfg = ckpt.load_run(args.run_dir, args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        p.error(str(e))
-    n = (cfg["train"].get("eval_n") or TrainConfig.eval_n) if args.n is None else args.n
-    if n < 1 or args.batch_size < 1:
-        p.error(f"--n and --batch-size must be >= 1, got {n} and {args.batch_size}")
+    n = args.n
+    if n is None:
+        n = cfg["train"].get("eval_n", TrainConfig.eval_n)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= TEST_SEED_SPAN:
+            p.error(f"{args.run_dir}/config.json: train.eval_n must be an int in "
+                    f"0..{TEST_SEED_SPAN}, got {n!r} (or pass --n)")
+        n = n or TrainConfig.eval_n                # the run skipped its evaluation (eval_n 0)
+    if args.attention and (cfg["model"].mode != "hires" or cfg["model"].overlap):
+        p.error("--attention needs a 'hires' model whose slices tile the image (overlap 0); "
+                f"this run has mode {cfg['model'].mode!r}, overlap {cfg['model'].overlap}")
     if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
     t0 = time.perf_counter()
-    samples = test_split(n, cfg["data"])                 # rendered once, for every table below
-    scores, answers = data.score_samples(model, tokenizer, cfg["data"], samples, args.batch_size,
-                                         autocast)
+    mass = {task: [None, 0] for task in ATTENTION_TASKS}    # summed mass, samples
+
+    def attention(samples, answers):
+        for task in ATTENTION_TASKS:
+            asked = [s for s in samples if s.task == task and len(s.entities) == 2]
+            if asked:
+                m = probe.entity_attention(model, tokenizer, asked) * len(asked)
+                total = mass[task]
+                total[0] = m if total[0] is None else total[0] + m
+                total[1] += len(asked)
+
+    scores, tally = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast,
+                                  on_batch=attention if args.attention else None)
     scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
     print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
     if args.by_entities:
-        print(data.by_entities_table(data.by_entities(answers, samples)))
-    if args.attention:
-        for task in ("position", "recognition"):
-            asked = [s for s in samples if s.task == task and len(s.entities) == 2]
-            if not asked:
-                continue
-            try:
-                mass = probe.entity_attention(model, tokenizer, asked)
-            except ValueError as e:             # e.g. overlapping slices: no token boxes
-                p.error(f"--attention: {e}")
+        print(data.by_entities_table(tally.by_entities()))
+    for task in ATTENTION_TASKS:
+        total, count = mass[task]
+        if count:
             print(probe.entity_attention_table(
-                mass, f"attention mass from the answer position, {task}, two entities "
-                      f"(n={len(asked)}): tokens covering only the asked entity vs only the other"))
+                total / count, f"attention mass from the answer position, {task}, two entities "
+                               f"(n={count}): tokens covering only the asked entity vs only "
+                               "the other"))
     print(f"  eval time {time.perf_counter() - t0:.1f} s")
     return 0

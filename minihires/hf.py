@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -105,46 +106,110 @@ def _unsupported(what: str, feature: str, value) -> ValueError:
                       "(minihires implements only the plain architecture)")
 
 
+# sane bounds on sizes read from a config.json, checked before any module is built
+MAX_SIZE, MAX_LAYERS = 2 ** 24, 1024
+
+
+def _fields(d: dict, defaults: dict, what: str) -> dict:
+    """The `defaults` keys read from `d`, each checked against its default's kind: ints
+    positive (and bounded), floats finite and positive, bools bools. ValueError naming the
+    field otherwise (a string "4096" is not a size)."""
+    out = {}
+    for key, default in defaults.items():
+        v = d.get(key, default)
+        if v is None and default is None:
+            out[key] = v
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+            kind = "true or false"
+        elif isinstance(default, int) or default is None:
+            limit = MAX_LAYERS if "layers" in key else MAX_SIZE
+            ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit
+            kind = f"an int in 1..{limit}"
+        else:
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and v > 0)
+            kind = "a positive number"
+        if not ok:
+            raise ValueError(f"{what}: {key} must be {kind}, got {v!r}")
+        out[key] = float(v) if isinstance(default, float) else v
+    return out
+
+
+def _check_rope(d: dict, what: str) -> None:
+    """Refuse any rope scaling, however a config spells it: rope_scaling or rope_parameters
+    with a type ("rope_type" or the older "type") other than "default", a factor, or any key
+    besides the type and rope_theta."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = d.get(key)
+        if rope is None or rope == {}:
+            continue
+        if not isinstance(rope, dict):
+            raise _unsupported(what, key, rope)
+        for name in ("rope_type", "type"):
+            if rope.get(name, "default") != "default":
+                raise (_unsupported(what, key, rope) if key == "rope_scaling"
+                       else _unsupported(what, f"{key}.{name}", rope[name]))
+        extra = sorted(k for k in rope if k not in ("rope_type", "type", "rope_theta"))
+        if extra:
+            raise _unsupported(what, f"{key}.{extra[0]}", rope[extra[0]])
+
+
 def llama_config(d: dict, what: str = "LLaMA config") -> LlamaConfig:
     """A LlamaForCausalLM config.json dict -> LlamaConfig; refuses features Llama lacks."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
     if d.get("model_type", "llama") != "llama":
         raise _unsupported(what, "model_type", d["model_type"])
-    checks = [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-              ("rope_scaling", None)]
+    checks = [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]
     for key, ok in checks:
         if d.get(key, ok) != ok:
             raise _unsupported(what, key, d[key])
+    _check_rope(d, what)
     rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise _unsupported(what, "rope_parameters.rope_type", rope["rope_type"])
-    v = {k: d.get(k, default) for k, default in LLAMA_DEFAULTS.items()}
+    v = _fields(d, LLAMA_DEFAULTS, what)
     if v["num_key_value_heads"] is None:
         v["num_key_value_heads"] = v["num_attention_heads"]
     head_dim = d.get("head_dim")
     if head_dim is not None and head_dim != v["hidden_size"] // v["num_attention_heads"]:
         raise _unsupported(what, "head_dim", head_dim)
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    return LlamaConfig(rope_theta=float(theta), **v)
+    theta = _fields({"rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))},
+                    {"rope_theta": 10000.0}, what)["rope_theta"]
+    return LlamaConfig(rope_theta=theta, **v)
 
 
 def vit_config(d: dict, feature_layer: int = -2, what: str = "CLIP vision config",
                defaults: dict = CLIP_VISION_DEFAULTS) -> ViTConfig:
     """A CLIPVisionConfig dict -> ViTConfig (no adapters)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
     if d.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise _unsupported(what, "model_type", d["model_type"])
     for key, ok in (("hidden_act", "quick_gelu"), ("num_channels", 3)):
         if d.get(key, ok) != ok:
             raise _unsupported(what, key, d[key])
-    v = {k: d.get(k, default) for k, default in {**CLIP_VISION_DEFAULTS, **defaults}.items()}
+    merged = {**CLIP_VISION_DEFAULTS, **defaults}
     for k in ("image_size", "patch_size"):
-        if not isinstance(v[k], int):
-            raise _unsupported(what, k, v[k])          # non-square sizes
+        if isinstance(d.get(k), (list, tuple)):
+            raise _unsupported(what, k, d[k])          # non-square sizes
+    v = _fields(d, merged, what)
+    if v["image_size"] % v["patch_size"] or v["hidden_size"] % v["num_attention_heads"]:
+        raise ValueError(f"{what}: image_size {v['image_size']} must be a multiple of "
+                         f"patch_size {v['patch_size']}, and hidden_size {v['hidden_size']} of "
+                         f"num_attention_heads {v['num_attention_heads']}")
+    L = v["num_hidden_layers"]
+    if not isinstance(feature_layer, int) or not -(L + 1) <= feature_layer <= L:
+        raise ValueError(f"{what}: the feature layer {feature_layer!r} is not one of the "
+                         f"{L + 1} hidden states")
     return ViTConfig(feature_layer=feature_layer, **v)
 
 
 def llava_config(d: dict) -> ModelConfig:
     """A LlavaConfig dict -> ModelConfig in "llava15" mode."""
     what = "LLaVA config"
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
     if d.get("model_type") != "llava":
         raise ValueError(f"{what}: model_type must be 'llava', got {d.get('model_type')!r}")
     checks = [("vision_feature_select_strategy", "default"), ("projector_hidden_act", "gelu"),
@@ -158,19 +223,35 @@ def llava_config(d: dict) -> ModelConfig:
     vision = d.get("vision_config")
     vit = vit_config(vision or {}, layer, "LLaVA vision_config",
                      LLAVA_VISION_DEFAULTS if vision is None else {})
-    text = dict(d.get("text_config") or {})
+    text = d.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise ValueError(f"{what}: text_config must be a JSON object, got {text!r}")
+    text = dict(text)
     text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")
                                        or text.get("tie_word_embeddings"))
     llama = llama_config(text, "LLaVA text_config")
-    return ModelConfig(vit=vit, llama=llama, mode="llava15",
-                       image_token_index=int(d.get("image_token_index", 32000)))
+    index = d.get("image_token_index", 32000)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_SIZE:
+        raise ValueError(f"{what}: image_token_index must be an int >= 0, got {index!r}")
+    return ModelConfig(vit=vit, llama=llama, mode="llava15", image_token_index=index)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a ValueError naming the file."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 # ----------------------------------------------------------------------------- streaming load
 
@@ -180,8 +261,18 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map (an object of tensor name -> shard file)")
+        names = set(weight_map.values())
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        if bad:
+            raise ValueError(f"{index}: weight_map names shards that are not file names in "
+                             f"{folder}: {sorted(map(repr, bad))[:3]}")
+        missing = sorted(n for n in names if not (folder / n).is_file())
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) missing from {folder}: {missing[:3]}")
+        return [folder / name for name in sorted(names)]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     found = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
@@ -193,11 +284,10 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 def _plan(folder, targets: dict, table, prefix: str = "", skip=(BUFFERS,), tied=None):
     """Read headers only: [(file, hf_key, our_key)] to copy, and [(file, hf_key, our_key)]
     of tied heads to compare. Raises on unexpected, duplicate or mis-shaped tensors."""
-    from safetensors import safe_open
     copies, compares, unexpected, seen = [], [], [], {}
     tied = tied or {}
     for file in checkpoint_files(folder):
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
             for key in f.keys():
                 if any(p.search(key) for p in skip):
                     continue
@@ -223,24 +313,47 @@ def _plan(folder, targets: dict, table, prefix: str = "", skip=(BUFFERS,), tied=
     return copies, compares
 
 
+def _open(file: Path):
+    """safe_open with a ValueError naming the file when it is not readable safetensors."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def _copy(copies, compares, targets: dict) -> None:
     """Copy tensors shard by shard into the allocated parameters (casting dtype and device),
     then check each tied head against the embedding it must equal."""
-    from safetensors import safe_open
     by_file: dict[Path, list] = {}
     for file, key, ours in copies:
         by_file.setdefault(file, []).append((key, ours))
     with torch.no_grad():
         for file, items in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with _open(file) as f:
                 for key, ours in items:
-                    targets[ours].copy_(f.get_tensor(key))   # one tensor in memory at a time
+                    targets[ours].copy_(_tensor(f, file, key))   # one tensor at a time
     for file, key, emb in compares:
-        with safe_open(file, framework="pt") as f:
-            head = f.get_tensor(key)
+        with _open(file) as f:
+            head = _tensor(f, file, key)
         if not torch.equal(head.to(targets[emb].device, targets[emb].dtype), targets[emb]):
             raise ValueError(f"{file.name}: {key} differs from the embedding {emb}, but the "
                              "config ties them (tie_word_embeddings=true)")
+
+
+def _tensor(f, file: Path, key: str) -> torch.Tensor:
+    """One tensor of an open safetensors file: floating point and finite, or a ValueError
+    naming the file and the tensor (a truncated file fails here too)."""
+    from safetensors import SafetensorError
+    try:
+        t = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{file}: cannot read tensor {key} ({e})") from None
+    if not t.is_floating_point():
+        raise ValueError(f"{file}: tensor {key} is {t.dtype}, not floating point")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{file}: tensor {key} holds non-finite values (nan or inf)")
+    return t
 
 
 def _check_complete(targets: dict, copies, where: str, fresh: tuple[str, ...] = ()) -> None:
@@ -251,20 +364,31 @@ def _check_complete(targets: dict, copies, where: str, fresh: tuple[str, ...] = 
                          f"parameters {missing[:8]}")
 
 
-def _empty(build, dtype: torch.dtype, device) -> nn.Module:
-    """Build on the meta device, then allocate (uninitialised) once in dtype on device."""
+def _meta(build, what) -> nn.Module:
+    """Build on the meta device: shapes only, nothing allocated."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{what}: cannot build the model it describes ({e})") from None
+
+
+def _allocate(module: nn.Module, dtype: torch.dtype, device) -> nn.Module:
+    """Allocate a meta-device module (uninitialised) once, in dtype on device."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    with torch.device("meta"):
-        module = build()
     return module.to(dtype=dtype).to_empty(device=device)
 
 
-def _load(module: nn.Module, folder, table, skip=(BUFFERS,), tied=None) -> nn.Module:
-    targets = module.state_dict(keep_vars=True)
-    copies, compares = _plan(folder, targets, table, skip=skip, tied=tied)
-    _check_complete(targets, copies, f"checkpoint {folder}")
-    _copy(copies, compares, targets)
+def _load(build, folder, table, dtype, device, skip=(BUFFERS,), tied=None) -> nn.Module:
+    """Build on meta, check every tensor name and shape against the file headers, and only
+    then allocate and copy."""
+    module = _meta(build, f"{folder}/config.json")
+    copies, compares = _plan(folder, module.state_dict(keep_vars=True), table, skip=skip,
+                             tied=tied)
+    _check_complete(module.state_dict(keep_vars=True), copies, f"checkpoint {folder}")
+    module = _allocate(module, dtype, device)
+    _copy(copies, compares, module.state_dict(keep_vars=True))
     return module.eval()
 
 # ----------------------------------------------------------------------------- public loaders
@@ -278,15 +402,14 @@ def load_vit(folder, dtype: torch.dtype = torch.float32, device="cpu",
     if d.get("model_type") == "clip":                   # the text half is not used
         d, skip = d.get("vision_config") or {}, (BUFFERS, CLIP_TEXT_HALF)
     cfg = vit_config(d, feature_layer)
-    return _load(_empty(lambda: VisionTransformer(cfg), dtype, device), folder,
-                 CLIP_VISION_KEYS, skip)
+    return _load(lambda: VisionTransformer(cfg), folder, CLIP_VISION_KEYS, dtype, device, skip)
 
 
 def load_llama(folder, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     """A LlamaForCausalLM folder (LLaMA, Vicuna, ...) -> Llama."""
     cfg = llama_config(read_config(folder))
     tied = {"lm_head.weight": "embed_tokens.weight"} if cfg.tie_word_embeddings else None
-    return _load(_empty(lambda: Llama(cfg), dtype, device), folder, LLAMA_KEYS, tied=tied)
+    return _load(lambda: Llama(cfg), folder, LLAMA_KEYS, dtype, device, tied=tied)
 
 
 def load_llava_model(folder, dtype: torch.dtype = torch.float32, device="cpu") -> HiResLLaVA:
@@ -294,7 +417,7 @@ def load_llava_model(folder, dtype: torch.dtype = torch.float32, device="cpu") -
     cfg = llava_config(read_config(folder))
     tied = ({"language_model.lm_head.weight": "language_model.embed_tokens.weight"}
             if cfg.llama.tie_word_embeddings else None)
-    return _load(_empty(lambda: HiResLLaVA(cfg), dtype, device), folder, LLAVA_KEYS, tied=tied)
+    return _load(lambda: HiResLLaVA(cfg), folder, LLAVA_KEYS, dtype, device, tied=tied)
 
 
 def load_tokenizer(folder) -> Tokenizer:
@@ -303,7 +426,12 @@ def load_tokenizer(folder) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.model in {folder}: a sentencepiece model is "
                                 "needed (tokenizer.json alone is not supported)")
-    return Tokenizer.load(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the tokenizer file is empty")
+    try:
+        return Tokenizer.load(path)
+    except (ValueError, OSError, IndexError, RuntimeError) as e:   # sentencepiece's, for junk
+        raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None
 
 
 def load_llava(folder, dtype: torch.dtype = torch.float32,
@@ -338,7 +466,7 @@ def hires_from_hf(vit_dir, llm_dir, cfg: ModelConfig | None = None,
     vit = vit_config(d, cfg.vit.feature_layer)
     vit.sra_layers = tuple(cfg.vit.sra_layers)
     cfg = dataclasses.replace(cfg, vit=vit, llama=llama_config(read_config(llm_dir)))
-    model = _empty(lambda: HiResLLaVA(cfg), dtype, device)
+    model = _meta(lambda: HiResLLaVA(cfg), f"{vit_dir}/config.json + {llm_dir}/config.json")
     targets = model.state_dict(keep_vars=True)
     tied = ({"language_model.lm_head.weight": "language_model.embed_tokens.weight"}
             if cfg.llama.tie_word_embeddings else None)
@@ -348,6 +476,8 @@ def hires_from_hf(vit_dir, llm_dir, cfg: ModelConfig | None = None,
              *HiResLLaVA.IMAGE_EMBEDDINGS)
     _check_complete(targets, plans[0][0] + plans[1][0], f"checkpoints {vit_dir} + {llm_dir}",
                     fresh)
+    model = _allocate(model, dtype, device)
+    targets = model.state_dict(keep_vars=True)
     for copies, compares in plans:
         _copy(copies, compares, targets)
     _init_fresh(model, dtype, device)

@@ -27,7 +27,6 @@ batch of 512 questions at every evaluation.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .cli_errors import ArgumentParser, command, user_input
 from .config import tiny
 from .entities import CLASSES as CLASS_NAMES, COLOURS as COLOUR_NAMES
 from .llama import Llama
@@ -143,8 +143,9 @@ def steps_to(curve: list[tuple[int, float, float]], accuracy: float) -> int | No
     return next((s for s, _, a in curve if a >= accuracy), None)
 
 
+@command
 def cli_lookup(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m minihires lookup",
         description="Associative recall among image tokens without the vision tower: steps "
                     "the tiny LLaMA needs to find an entity by its colour and class.")
@@ -159,12 +160,10 @@ def cli_lookup(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="print every evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    try:
+    with user_input():
         for slots in args.slots:
             for seed in args.seeds:
                 check(slots, args.entities, args.steps, seed, args.every, args.lr)
-    except ValueError as e:
-        p.error(str(e))
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")

@@ -113,7 +113,8 @@ def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
         is composited on white;
       - 16-bit grey (I;16*) is scaled by 255/65535;
       - 32-bit int (I) and float (F) grey have no fixed range: min..max is stretched to
-        0..255 (a constant image is clipped to 0..255; NaN counts as 0);
+        0..255 (a constant image is clipped to 0..255); a float image holding NaN or an
+        infinity is refused (ValueError): no stretch of it means anything;
       - every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX ...) goes through
         Pillow's convert("RGB").
     """
@@ -122,6 +123,8 @@ def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
         name = os.fspath(image)
         if not os.path.exists(name):
             raise FileNotFoundError(f"image file not found: {name}")
+        if os.path.isdir(name):
+            raise ValueError(f"image {name} is a folder, not an image file")
         try:
             with warnings.catch_warnings():     # our own max_pixels check below is the guard
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -130,6 +133,8 @@ def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ValueError(f"cannot read image {name}: not a recognised image format") from e
         except Image.DecompressionBombError as e:
             raise ValueError(f"image {name} is too large (decompression bomb): {e}") from e
+        except OSError as e:                    # unreadable: permissions, a device, ...
+            raise ValueError(f"cannot read image {name}: {e.strerror or e}") from e
     elif isinstance(image, Image.Image):
         img = image
     else:
@@ -146,11 +151,12 @@ def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot decode {name}: the file is truncated or corrupt ({e})") from e
     img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return to_rgb(img, name)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB by the rule in `load_image`'s docstring."""
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any Pillow mode to RGB by the rule in `load_image`'s docstring (`name`
+    names the image in errors)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
@@ -169,7 +175,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = np.asarray(img).astype(np.float32) * (255.0 / 65535.0)
         return _grey_to_rgb(grey)
     if mode in ("I", "F"):
-        grey = np.nan_to_num(np.asarray(img).astype(np.float64))
+        grey = np.asarray(img).astype(np.float64)
+        bad = int((~np.isfinite(grey)).sum())
+        if bad:
+            raise ValueError(f"{name} ({mode} mode) holds {bad} non-finite pixel value(s) "
+                             "(nan or inf): its range cannot be stretched to 0..255")
         lo, hi = float(grey.min()), float(grey.max())
         grey = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else grey
         return _grey_to_rgb(grey)

@@ -12,7 +12,11 @@
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
 pretrained. Budgets are counted in steps, not seconds, so a result does not depend on how
 busy the machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on
-CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes.
+CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes. The process group's
+life (bounded waits, a failing rank stopping the others, every rank leaving it together
+before rank 0 evaluates) is `minihires.distributed`'s. A run folder is checked and written
+by `minihires.checkpoint`: a resume goes only forward, and a step whose loss is not finite
+stops the run (`Diverged`) before it can write a checkpoint.
 
 Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr), AdamW
 betas (0.9, 0.98), weight decay on matrices only, gradient clipping at 1, bf16 autocast on
@@ -40,20 +44,21 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import data
+from . import data, distributed
+from .cli_errors import ArgumentParser, UserError, command, user_input
 from .data import results_table
 from .config import PRESETS, ModelConfig, preset
-from .entitygrid import POSITIONS, EntityGridConfig, question_texts
+from .entitygrid import POSITIONS, TEST_SEED_SPAN, EntityGridConfig, question_texts
 from .model import HiResLLaVA
 from .tokenizer import Tokenizer
 
@@ -94,37 +99,54 @@ class TrainConfig:
     overlap: float | None = None
 
     def validate(self) -> None:
-        def need(ok, name, what):
+        """ValueError naming the first field with a wrong type or value."""
+        def need(check, name, what):
+            try:
+                ok = bool(check(getattr(self, name)))
+            except TypeError:               # e.g. a string from an edited config.json
+                ok = False
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-        need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+
+        def is_int(v, lo, hi=None):
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= (hi or v)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(lambda v: isinstance(v, str) and v in PRESETS, "preset", f"one of {sorted(PRESETS)}")
         for name in ("steps", "batch_size", "turns", "eval_batch_size", "ckpt_every"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
-                 "an int >= 1")
-        need(isinstance(self.train_max_entities, int)
-             and 1 <= self.train_max_entities <= len(POSITIONS), "train_max_entities",
+            need(lambda v: is_int(v, 1), name, "an int >= 1")
+        need(lambda v: is_int(v, 1, len(POSITIONS)), "train_max_entities",
              f"an int in 1..{len(POSITIONS)} (one entity per place)")
-        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
-             "threads", "an int >= 1 or None")
-        need(isinstance(self.eval_n, int) and self.eval_n >= 0, "eval_n", "an int >= 0")
-        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
-             "an int >= 0")
-        need(self.freeze_vision_at is None
-             or (isinstance(self.freeze_vision_at, int) and self.freeze_vision_at >= 0),
-             "freeze_vision_at", "an int >= 0 or None")
-        need(isinstance(self.seed, int) and 0 <= self.seed <= data.MAX_RUN_SEED, "seed",
+        need(lambda v: v is None or is_int(v, 1), "threads", "an int >= 1 or None")
+        need(lambda v: is_int(v, 0, TEST_SEED_SPAN), "eval_n",
+             f"an int >= 0 and at most {TEST_SEED_SPAN} (the test split's size)")
+        need(lambda v: is_int(v, 0), "warmup_steps", "an int >= 0")
+        need(lambda v: v is None or is_int(v, 0), "freeze_vision_at", "an int >= 0 or None")
+        need(lambda v: is_int(v, 0, data.MAX_RUN_SEED), "seed",
              f"an int in 0..{data.MAX_RUN_SEED}")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        need(0 <= self.vision_lr_scale and math.isfinite(self.vision_lr_scale),
-             "vision_lr_scale", "a number >= 0")
-        need(self.compression in (None, "sms", "avg", "none"), "compression",
+        need(lambda v: is_int(v, 8), "vocab_size", "an int >= 8")
+        need(lambda v: is_num(v) and v > 0, "lr", "a positive number")
+        need(lambda v: is_num(v) and 0 <= v <= 1, "min_lr_ratio", "in [0, 1]")
+        need(lambda v: is_num(v) and v >= 0, "weight_decay", "a number >= 0")
+        need(lambda v: is_num(v) and v > 0, "grad_clip", "a positive number")
+        need(lambda v: is_num(v) and v >= 0, "vision_lr_scale", "a number >= 0")
+        for name in ("chat_turns", "span_words"):
+            need(lambda v: isinstance(v, bool), name, "true or false")
+        for name in ("use_slices", "use_sra", "crop_embedding"):
+            need(lambda v: v is None or isinstance(v, bool), name, "true, false or None")
+        need(lambda v: v in (None, "sms", "avg", "none"), "compression",
              "'sms', 'avg' or 'none'")
-        need(self.overlap is None or 0 <= self.overlap < 1, "overlap", "in [0, 1)")
-        need(self.device == "cpu" or self.device.startswith("cuda"), "device",
+        need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
+        need(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v), "device",
              "'cpu' or 'cuda[:N]'")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device is {self.device!r} but no CUDA GPU is available")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device is {self.device!r} but no CUDA GPU is available")
+            if int(self.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+                raise ValueError(f"device is {self.device!r} but there are only "
+                                 f"{torch.cuda.device_count()} CUDA GPU(s)")
 
     def model_config(self) -> ModelConfig:
         cfg = preset(self.preset)
@@ -141,12 +163,15 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def build(tc: TrainConfig) -> tuple[ModelConfig, EntityGridConfig, Tokenizer]:
-    """Model config (paired with the tokenizer), data config and the trained tokenizer."""
+def build(tc: TrainConfig, tokenizer: Tokenizer | None = None
+          ) -> tuple[ModelConfig, EntityGridConfig, Tokenizer]:
+    """Model config (paired with the tokenizer), data config and the tokenizer: trained
+    (deterministic), or the given one (a resumed run's own)."""
     model_cfg = tc.model_config()
     data_cfg = data.data_config(model_cfg)
-    tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size,
-                                span_words=tc.span_words)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size,
+                                    span_words=tc.span_words)
     if tokenizer.vocab_size > model_cfg.llama.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
                          f"llama.vocab_size = {model_cfg.llama.vocab_size}")
@@ -190,11 +215,75 @@ def param_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or gradient; no checkpoint was written after it."""
+
+
+def run_tokenizer(run_dir: Path, tc: TrainConfig, manifest: dict | None) -> Tokenizer:
+    """The tokenizer a run trained with: its tokenizer.model, or, when that file is missing
+    or damaged, the one `build` trains again if it is byte for byte the file the checkpoint's
+    manifest names (then `train` rewrites the file). ValueError naming the file otherwise."""
+    path = run_dir / ckpt.TOKENIZER
+    if path.is_file() and ckpt.matches_manifest(run_dir, ckpt.TOKENIZER, manifest):
+        return ckpt.load_tokenizer(path)
+    want = (manifest or {}).get("files", {}).get(ckpt.TOKENIZER)
+    if want is not None:
+        rebuilt = build(tc)[2]
+        if hashlib.sha256(rebuilt.model_proto).hexdigest() == want["sha256"]:
+            return rebuilt
+        ckpt.verify(run_dir, ckpt.TOKENIZER, manifest)    # raises, naming the file
+    raise ValueError(f"{path} is missing; the run's checkpoint cannot be resumed without the "
+                     "tokenizer it was trained with")
+
+
+def load_resume(run_dir, tc: TrainConfig, stop_at: int | None = None
+                ) -> tuple[dict | None, Tokenizer | None]:
+    """(resume state, the run's tokenizer) of a run folder, checked against `tc` (its saved
+    TrainConfig) and `stop_at`; (None, None) when the run stopped before its first checkpoint
+    (it then starts again at step 0). ValueError naming the file or field when the folder
+    cannot be resumed as it is."""
+    run_dir = Path(run_dir)
+    manifest = ckpt.read_manifest(run_dir)
+    if not (run_dir / ckpt.STATE).is_file():
+        if manifest is not None or (run_dir / ckpt.WEIGHTS).is_file():
+            raise ValueError(f"{run_dir} has a checkpoint but no {ckpt.STATE} (removed?): "
+                             "it can be evaluated but not resumed")
+        return None, None
+    state = ckpt.load_state(run_dir)
+    step, path = state["step"], run_dir / ckpt.STATE
+    if step > tc.steps:
+        raise ValueError(f"{run_dir / ckpt.CONFIG}: train.steps = {tc.steps} is below the step "
+                         f"of the run's checkpoint ({step}); a run cannot be shortened once "
+                         "its weights are past that step")
+    if stop_at is not None and stop_at < step:
+        raise ValueError(f"--stop-at {stop_at} is below the step of the run's checkpoint "
+                         f"({step}); a resumed run can only go forward")
+    tokenizer = run_tokenizer(run_dir, tc, manifest)
+    model_cfg = tc.model_config()
+    model_cfg.image_token_index = tokenizer.image_id
+    saved_model_cfg = ckpt.load_config(run_dir)[0]
+    if saved_model_cfg != model_cfg:
+        raise ValueError(f"{run_dir / ckpt.CONFIG}: its model section is not the model its "
+                         "train section (and tokenizer.model) build; was it edited?")
+    if tokenizer.vocab_size > model_cfg.llama.vocab_size:
+        raise ValueError(f"{run_dir / ckpt.TOKENIZER} has {tokenizer.vocab_size} pieces, more "
+                         f"than llama.vocab_size = {model_cfg.llama.vocab_size}")
+    # the weights and the optimizer state fit the model (checked on the meta device)
+    model = ckpt.build_model(model_cfg, run_dir / ckpt.CONFIG)
+    ckpt.check_tensors(model, state["model"], path)
+    opt = make_optimizer(model, tc)
+    try:
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    if k != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape:
+                        raise ValueError(f"optimizer state {k} is {tuple(v.shape)} for a "
+                                         f"parameter of {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{path}: its optimizer state does not fit the model of "
+                         f"{ckpt.CONFIG} ({e})") from None
+    return state, tokenizer
 
 
 def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
@@ -202,108 +291,24 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     """Train (or resume) a run into folder `out`; return its metrics (None if stopped early).
 
     stop_at: stop after this many steps as an interruption would (checkpoint, no eval).
-    Under torchrun every rank calls this; ranks other than 0 return None.
+    Under torchrun every rank calls this (`minihires.distributed`: every rank trains, all of
+    them meet at a barrier and leave the process group together, then rank 0 alone evaluates
+    and writes metrics.json); ranks other than 0 return None. Raises Diverged when a step's
+    loss or gradient is not finite (the last checkpoint is kept).
     """
     tc.validate()
     out = Path(out)
-    rank, world, local_rank = _distributed()
-    device = torch.device(tc.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and tc.threads is not None:
-        torch.set_num_threads(tc.threads)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-
-    model_cfg, data_cfg, tokenizer = build(tc)
-    train_cfg = dataclasses.replace(data_cfg, max_entities=tc.train_max_entities)  # the stream's
-    torch.manual_seed(tc.seed)
-    model = HiResLLaVA(model_cfg).to(device)
-    opt = make_optimizer(model, tc)
-    start, train_time, losses = 0, 0.0, []
-    if resume:
-        state = ckpt.load_state(out)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ckpt.restore_rng(state)
-        start, train_time, losses = state["step"], state["train_time_s"], state["losses"]
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.save_config(out, model_cfg, dataclasses.asdict(tc), data_cfg, tokenizer)
-
-    def wrap() -> torch.nn.Module:
-        """DDP over the parameters that train now (DDP fixes its set when it is built)."""
-        if world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    frozen, ddp = False, wrap()         # the loop freezes at freeze_vision_at, or at once on
-                                        # resuming past it
-
-    def save(step: int) -> None:
-        if rank == 0:
-            ckpt.save_state(out, model, opt, step, extra={"train_time_s": train_time,
-                                                          "losses": losses[-100:]})
-            ckpt.save_weights(out, model, step)
-
-    end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not progress or rank != 0, desc="train")
-    model.train()
-    step = start
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            if not frozen and tc.freeze_vision_at is not None and step >= tc.freeze_vision_at:
-                frozen = True
-                freeze_vision(model)
-                ddp = wrap()
-            lr = lr_at(step, tc)
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            samples = data.train_samples(tc.seed, step, tc.batch_size, train_cfg, rank, world)
-            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg,
-                                    tc.chat_turns).to(device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                _, loss = ddp(**batch.kwargs())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            train_time += time.perf_counter() - t0
-            losses.append(loss.item())
-            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                save(step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{lr:.1e}",
-                            samples_s=f"{(step + 1 - start) * tc.batch_size * world / train_time:.0f}")
-        step = end
-    except KeyboardInterrupt:
-        bar.close()
-        save(step)
-        if rank == 0:
-            print(f"\ninterrupted after step {step}; continue with "
-                  f"`python -m minihires train --resume {out}`", file=sys.stderr)
-        raise
-    bar.close()
-    save(step)
-
-    hashes = None
-    if world > 1:                                  # ranks must hold the same weights
-        hashes = [None] * world
-        dist.all_gather_object(hashes, param_hash(model))
-        if len(set(hashes)) != 1:
-            raise RuntimeError(f"ranks diverged: parameter hashes {hashes}")
+    with distributed.session(tc.device) as dd:
+        step, losses, train_time, hashes, model, model_cfg, data_cfg, tokenizer = _train_ranks(
+            tc, out, resume, stop_at, progress, dd)
+    # every rank has left the process group: rank 0 evaluates and writes alone
+    rank, world, device = dd.rank, dd.world, dd.device
     if step < tc.steps or rank != 0:
         if rank == 0:
             print(f"stopped after step {step} of {tc.steps}; continue with "
                   f"`python -m minihires train --resume {out}`")
         return None
-
+    autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics = {"steps": tc.steps, "seed": tc.seed, "batch_size": tc.batch_size,
                "world_size": world, "samples_seen": tc.steps * tc.batch_size * world,
                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
@@ -331,6 +336,120 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     return metrics
 
 
+def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
+                 progress: bool, dd: "distributed.Session"):
+    """The part of `train` every rank runs, inside the process group: set up, the loop, the
+    last checkpoint and the check that the ranks agree. The DistributedDataParallel wrappers
+    live only in this frame, so they are released before the group is destroyed.
+    -> (step, losses, train time, rank hashes, model, model config, data config, tokenizer)."""
+    rank, world, device = dd.rank, dd.world, dd.device
+    if device.type == "cpu" and tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    state, saved_tokenizer = load_resume(out, tc, stop_at) if resume else (None, None)
+    model_cfg, data_cfg, tokenizer = build(tc, saved_tokenizer)
+    train_cfg = dataclasses.replace(data_cfg, max_entities=tc.train_max_entities)  # the stream's
+    torch.manual_seed(tc.seed)
+    model = HiResLLaVA(model_cfg).to(device)
+    opt = make_optimizer(model, tc)
+    start, train_time, losses = 0, 0.0, []
+    if rank == 0:
+        if not resume:
+            ckpt.claim_run_dir(out)
+            ckpt.save_config(out, model_cfg, dataclasses.asdict(tc), data_cfg, tokenizer)
+        else:
+            ckpt.clean_temporaries(out)
+            path = out / ckpt.TOKENIZER               # missing or damaged (see run_tokenizer),
+            if not path.is_file() or path.read_bytes() != tokenizer.model_proto:
+                ckpt.atomic_write(path, tokenizer.save)   # or never written: nothing trained
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state)
+        start, train_time, losses = state["step"], state["train_time_s"], state["losses"]
+        if rank == 0:
+            ckpt.repair(out, state)            # weights and manifest lag after a kill
+        del state
+
+    def wrap() -> torch.nn.Module:
+        """DDP over the parameters that train now (DDP fixes its set when it is built)."""
+        if world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
+
+    frozen, ddp = False, wrap()         # the loop freezes at freeze_vision_at, or at once on
+                                        # resuming past it
+    saved_at = start
+
+    def save(step: int) -> None:
+        nonlocal saved_at
+        if rank == 0:
+            ckpt.save_checkpoint(out, model, opt, step, extra={"train_time_s": train_time,
+                                                               "losses": losses[-100:]})
+        saved_at = step
+
+    end = tc.steps if stop_at is None else min(tc.steps, stop_at)
+    bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=not progress or rank != 0, desc="train")
+    model.train()
+    step = start
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            if not frozen and tc.freeze_vision_at is not None and step >= tc.freeze_vision_at:
+                frozen = True
+                freeze_vision(model)
+                ddp = wrap()
+            lr = lr_at(step, tc)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            samples = data.train_samples(tc.seed, step, tc.batch_size, train_cfg, rank, world)
+            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg,
+                                    tc.chat_turns).to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                _, loss = ddp(**batch.kwargs())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            value = loss.item()
+            # DDP averages the gradients, so a non-finite loss on any rank makes the norm
+            # non-finite on every rank: all of them stop here, before the step
+            if not (math.isfinite(value) and math.isfinite(norm)):
+                raise Diverged(
+                    f"training diverged at step {step + 1}: loss {value}, gradient norm {norm} "
+                    f"(lr {lr:.3g}); nothing was saved after step {saved_at}"
+                    + (f", whose checkpoint in {out} is kept" if saved_at else "")
+                    + ". Try a lower --lr")
+            opt.step()
+            train_time += time.perf_counter() - t0
+            losses.append(value)
+            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                save(step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{lr:.1e}",
+                            samples_s=f"{(step + 1 - start) * tc.batch_size * world / train_time:.0f}")
+        step = end
+    except KeyboardInterrupt:
+        bar.close()
+        save(step)
+        if rank == 0:
+            print(f"\ninterrupted after step {step}; continue with "
+                  f"`python -m minihires train --resume {out}`", file=sys.stderr)
+        raise
+    bar.close()
+    save(step)
+
+    hashes = None
+    if world > 1:                                  # ranks must hold the same weights
+        hashes = dd.all_gather(param_hash(model))
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"ranks diverged: parameter hashes {hashes}")
+    del ddp
+    return step, losses, train_time, hashes, model, model_cfg, data_cfg, tokenizer
+
+
 # ---------------------------------------------------------------------------- command line
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
@@ -340,9 +459,10 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "warmup_steps", "ckpt_every")
 
 
+@command
 def cli_train(argv: list[str]) -> int:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m minihires train",
         description="Train HiRes-LLaVA from scratch on EntityGrid-QA, then score the test split.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"(default {d.preset})")
@@ -396,34 +516,39 @@ def cli_train(argv: list[str]) -> int:
         given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None]
         if given or args.out is not None:
             p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
-        try:
-            run_dir = ckpt.check_run_dir(args.resume, ckpt.CONFIG, ckpt.TOKENIZER, ckpt.STATE)
-            _, saved, _ = ckpt.load_config(run_dir)
+        with user_input("--resume: "):
+            out = ckpt.check_run_dir(args.resume, ckpt.CONFIG)
+            _, saved, _ = ckpt.load_config(out)
             saved.setdefault("chat_turns", True)     # run folders from before packing chatted
             saved.setdefault("span_words", False)    # and ended every piece at a space
-            tc = TrainConfig(**saved)
-        except (FileNotFoundError, ValueError, TypeError) as e:
-            p.error(f"--resume: {e}")
-        for k in ("device", "threads"):
-            if getattr(args, k) is not None:
-                setattr(tc, k, getattr(args, k))
-        out = run_dir
+            saved.update({k: getattr(args, k) for k in ("device", "threads")
+                          if getattr(args, k) is not None})
+            try:
+                tc = TrainConfig(**saved)
+            except TypeError as e:
+                raise ValueError(f"{out / ckpt.CONFIG}: train section: {e}") from None
     else:
         tc = TrainConfig(**{k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
                             if getattr(args, k) is not None})
-        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        if out.exists() and not out.is_dir():
-            p.error(f"--out {out} exists and is not a folder")
-        if (out / ckpt.CONFIG).exists():
-            p.error(f"--out {out} already holds a run; pass --resume {out} or choose another --out")
     try:
         tc.validate()
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:                 # name the flag, or the file the value came from
+        name = str(e).split()[0]
+        if getattr(args, name, None) is not None:
+            raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+        raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
     if args.stop_at is not None and args.stop_at < 1:
         p.error(f"--stop-at must be >= 1, got {args.stop_at}")
+    rank = distributed.environment()[0]
+    if args.resume is not None:
+        with user_input("--resume: "):
+            load_resume(out, tc, args.stop_at)         # every check, before any rank starts
+    elif rank == 0:                                    # only rank 0 writes the folder
+        with user_input():
+            out = ckpt.claim_run_dir(args.out)
+    else:
+        out = Path(args.out or "runs")                 # not written by this rank
 
-    rank = _distributed()[0]
     if rank == 0:
         model_cfg = tc.model_config()
         print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
@@ -438,9 +563,8 @@ def cli_train(argv: list[str]) -> int:
                         progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except Diverged as e:
+        raise UserError(str(e)) from e
     if metrics is not None:
         print(results_table(metrics))
         print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")

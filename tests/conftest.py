@@ -1,9 +1,14 @@
-"""Shared test setup: hypothesis profiles, the `cuda` marker, poisoned allocations.
+"""Shared test setup: hypothesis profiles, the `cuda` and `huge` markers, poisoned allocations.
 
 Hypothesis profiles (HYPOTHESIS_PROFILE=...; default `ci` when CI is set, else `dev`):
     ci   derandomised (same examples every run), modest example counts
     dev  random examples, modest counts
     gpu  more examples, for tests/gpu/run.sh on a lent GPU machine
+Tests take their example counts from the profile (`examples(factor)` scales it), so the
+profile decides how hard they look.
+
+Device-parametrised kernel tests use `devices("op", ...)`: the cuda instance carries the
+`cuda` marker, so `pytest -m cuda` (tests/gpu/run.sh) runs exactly the GPU instances.
 """
 from __future__ import annotations
 
@@ -13,19 +18,38 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("dev", deadline=None, max_examples=25,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu", deadline=None, max_examples=100, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                          suppress_health_check=_SUPPRESS)
+settings.register_profile("dev", deadline=None, max_examples=25, suppress_health_check=_SUPPRESS)
+settings.register_profile("gpu", deadline=None, max_examples=100, derandomize=True, suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+HUGE_ENV = "MINIHIRES_HUGE_TESTS"
+
+
+def examples(factor: float = 1.0) -> settings:
+    """Hypothesis settings drawing `factor` times the active profile's example count."""
+    return settings(max_examples=max(1, round(settings.default.max_examples * factor)))
+
+
+def devices(*ops: str) -> list:
+    """["cpu", "cuda"] for a device-parametrised kernel test of `ops`; the cuda instance is
+    marked `cuda` (skipped without a GPU, selected by `pytest -m cuda`)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda(*ops))]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"huge: needs tens of GiB of GPU memory; runs only with {HUGE_ENV}=1 "
+                                       "(tests/gpu/run.sh sets it)")
 
 
 def pytest_runtest_setup(item):
     """@pytest.mark.cuda("op", ...): skip without a GPU; FAIL when a GPU is present but an
     op named in the marker has no CUDA kernel registered (a silent CPU fallback would
-    otherwise pass the GPU run)."""
+    otherwise pass the GPU run). @pytest.mark.huge: skip unless MINIHIRES_HUGE_TESTS=1."""
+    if item.get_closest_marker("huge") is not None and os.environ.get(HUGE_ENV) != "1":
+        pytest.skip(f"a huge-memory test: runs with {HUGE_ENV}=1 (tests/gpu/run.sh)")
     marker = item.get_closest_marker("cuda")
     if marker is None:
         return
@@ -68,6 +92,3 @@ def poison():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
     torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

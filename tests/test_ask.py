@@ -47,14 +47,18 @@ def test_ask_bad_inputs(run, exported, tmp_path, capsys):
     image = str(folder / records[0]["image"])
     bogus = tmp_path / "not_an_image.png"
     bogus.write_text("hello")
-    assert cli_ask([str(run), str(bogus), "What is at the top?", "--device", "cpu"]) == 1
-    assert "not a recognised image format" in capsys.readouterr().err
-    assert cli_ask([str(run), str(tmp_path / "missing.png"), "What?", "--device", "cpu"]) == 1
-    assert "image file not found" in capsys.readouterr().err
-    assert cli_ask([str(tmp_path / "no_run"), image, "What?", "--device", "cpu"]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    assert cli_ask([str(tmp_path), image, "What?", "--device", "cpu"]) == 1
-    assert "lacks" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_ask([str(run), image])                          # no question
-    assert "expected RUN_DIR IMAGE QUESTION" in capsys.readouterr().err
+
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as e:
+            cli_ask(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+    fails([str(run), str(bogus), "What is at the top?", "--device", "cpu"],
+          "not a recognised image format")
+    fails([str(run), str(tmp_path / "missing.png"), "What?", "--device", "cpu"],
+          "image file not found")
+    fails([str(tmp_path / "no_run"), image, "What?", "--device", "cpu"], "does not exist")
+    fails([str(tmp_path), image, "What?", "--device", "cpu"], "lacks")
+    fails([str(run), image], "expected RUN_DIR IMAGE QUESTION")          # no question

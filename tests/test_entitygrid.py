@@ -420,6 +420,46 @@ def test_cli_test_split(tmp_path, capsys):
     assert len(load_export(out)) == 3
 
 
+def test_cli_force_replaces_the_previous_export_and_nothing_else(tmp_path, capsys):
+    """--force with a smaller --n: the old export's extra images are gone (they once stayed
+    and looked like part of the new export); files the export did not write stay."""
+    out = tmp_path / "eg"
+    assert cli_entitygrid(["--n", "5", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "cover.png").write_bytes(b"mine")
+    assert cli_entitygrid(["--n", "2", "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png",
+                                                                  "cover.png"]
+    assert len(load_export(out)) == 2 and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "images", "notes.txt",
+                                                     "questions.jsonl"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path, capsys, force):
+    """A run folder (config.json, no questions.jsonl) was once overwritten by an export."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"model": {}}')
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as e:
+        cli_entitygrid(["--n", "2", "--out", str(out)] + (["--force"] if force else []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "not empty" in err
+    assert (out / "config.json").read_text() == '{"model": {}}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_load_export_names_a_bad_line(tmp_path):
+    out = tmp_path / "eg"
+    export(eg.test_split(2), out, CFG)
+    with open(out / "questions.jsonl", "a") as f:
+        f.write('{"image": "images/000002.png", "quest\n')
+    with pytest.raises(ValueError, match=r"questions\.jsonl, line 3: not a JSON record"):
+        load_export(out)
+
+
 def test_cli_train_split_through_main(tmp_path, capsys):
     from minihires.__main__ import main
     out = tmp_path / "train"
@@ -438,6 +478,7 @@ def test_cli_train_split_through_main(tmp_path, capsys):
     (["--rows", "0"], "rows and cols must be in"),
     (["--split", "val"], "invalid choice"),
     (["--n", "ten"], "invalid int value"),
+    (["--slice-size", "100000"], "canvas, more than"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

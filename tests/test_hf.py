@@ -193,6 +193,110 @@ def test_unsupported_llama_feature(llama_dir, tmp_path, key, value):
         hf.load_llama(resave(llama_dir, tmp_path / "x", tensors(llama_dir), edit))
 
 
+@pytest.mark.parametrize("key, value, field", [
+    # the older "type" key: transformers reads it as rope_type (our logits were 8-14% off)
+    ("rope_parameters", {"type": "linear", "factor": 2.0, "rope_theta": 1e4},
+     "rope_parameters.type"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
+    ("rope_scaling", {"type": "dynamic", "factor": 4.0}, "rope_scaling"),
+    # a factor (or any other knob) with the default type is scaling too
+    ("rope_parameters", {"rope_type": "default", "factor": 2.0, "rope_theta": 1e4},
+     "rope_parameters.factor"),
+    ("rope_scaling", {"factor": 2.0}, "rope_scaling.factor"),
+    ("rope_scaling", "linear", "rope_scaling"),
+])
+def test_any_rope_scaling_is_refused_however_it_is_spelled(llama_dir, tmp_path, key, value,
+                                                           field):
+    def edit(cfg):
+        cfg[key] = value
+    with pytest.raises(ValueError, match=rf"unsupported config feature {field}="):
+        hf.load_llama(resave(llama_dir, tmp_path / "x", tensors(llama_dir), edit))
+
+
+def test_plain_rope_parameters_still_load(llama_dir, tmp_path):
+    def edit(cfg):
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+        cfg["rope_scaling"] = None
+    assert hf.load_llama(resave(llama_dir, tmp_path / "x", tensors(llama_dir), edit)
+                         ).cfg.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_size", "32", "hidden_size must be an int"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers must be an int"),
+    ("vocab_size", 0, "vocab_size must be an int"),
+    ("num_hidden_layers", 10 ** 6, r"num_hidden_layers must be an int in 1\.\.1024"),
+    ("rms_norm_eps", "tiny", "rms_norm_eps must be a positive number"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false"),
+    ("num_key_value_heads", 3, "cannot build the model"),           # 4 % 3
+])
+def test_bad_llama_config_values_are_named(llama_dir, tmp_path, key, value, match):
+    def edit(cfg):
+        cfg[key] = value
+    with pytest.raises(ValueError, match=match):
+        hf.load_llama(resave(llama_dir, tmp_path / "x", tensors(llama_dir), edit))
+
+
+def test_huge_sizes_are_refused_from_the_headers_before_anything_is_allocated(
+        llama_dir, tmp_path, monkeypatch):
+    """A config asking for a vast model fails on the header shapes; the model is never
+    allocated (to_empty is where allocation happens)."""
+    def edit(cfg):
+        cfg["hidden_size"], cfg["intermediate_size"] = 2 ** 20, 2 ** 22
+        cfg["vocab_size"] = 2 ** 20
+        cfg.pop("head_dim", None)
+    folder = resave(llama_dir, tmp_path / "x", tensors(llama_dir), edit)
+
+    def no_allocation(self, *a, **kw):
+        raise AssertionError("the model was allocated before its shapes were checked")
+    monkeypatch.setattr(torch.nn.Module, "to_empty", no_allocation)
+    with pytest.raises(ValueError, match=r"has shape \(128, 32\), but the model's parameter has "
+                                         r"shape \(1048576, 1048576\)"):
+        hf.load_llama(folder)
+
+
+def test_damaged_files_are_named(llama_dir, tmp_path):
+    folder = resave(llama_dir, tmp_path / "x", tensors(llama_dir))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        hf.load_llama(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+        hf.load_llama(folder)
+    (folder / "config.json").write_text((llama_dir / "config.json").read_text())
+    weights = folder / "model.safetensors"
+    for damage in (b"", b"garbage that is no header", weights.read_bytes()[:4000]):
+        weights.write_bytes(damage)
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors"):
+            hf.load_llama(folder)
+    # a shard whose header is whole but whose data is cut short
+    save_file({k: v.contiguous() for k, v in tensors(llama_dir).items()}, weights)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: "):
+        hf.load_llama(folder)
+
+
+def test_damaged_sharded_index_is_named(tmp_path):
+    folder = save(hf_llama(4), tmp_path / "s", max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"index\.json: no weight_map"):
+        hf.load_llama(folder)
+    index.write_text("{")
+    with pytest.raises(ValueError, match=r"index\.json: not valid JSON"):
+        hf.load_llama(folder)
+    bad = dict(good, weight_map={**good["weight_map"], "lm_head.weight": "../elsewhere.safetensors"})
+    index.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="not file names"):
+        hf.load_llama(folder)
+    first = sorted(set(good["weight_map"].values()))[0]
+    index.write_text(json.dumps(good))
+    (folder / first).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing from .*{first}"):
+        hf.load_llama(folder)
+
+
 @pytest.mark.parametrize("key, value", [("hidden_act", "gelu"), ("image_size", [56, 28])])
 def test_unsupported_clip_feature(clip, tmp_path, key, value):
     def edit(cfg):
@@ -361,8 +465,21 @@ def test_ask_cli(llava, tmp_path, capsys):
     assert cli_ask(["--hf-llava", str(folder), str(tmp_path / "img.png"), "where is the box",
                     "--max-new-tokens", "6", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == want + "\n"
-    assert cli_ask(["--hf-llava", str(tmp_path), str(tmp_path / "img.png"), "q"]) == 1
-    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_ask(["--hf-llava", str(tmp_path), str(tmp_path / "img.png"), "q"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no config.json" in err and len(err.splitlines()) == 1
+    # a damaged tokenizer.model is named (it was a traceback without the file)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in folder.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        cli_ask(["--hf-llava", str(bad), str(tmp_path / "img.png"), "q", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(bad / "tokenizer.model") in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- HiRes from HF

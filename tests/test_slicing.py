@@ -117,6 +117,22 @@ def test_modes_high_bit_depth():
     assert (rgb_of(const) == 7).all()
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float_images_with_non_finite_pixels_are_refused(tmp_path, bad):
+    """One inf used to stretch every other pixel to 0: a black image, answered about."""
+    a = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    a[1, 2] = bad
+    img = Image.fromarray(a, mode="F")
+    with pytest.raises(ValueError, match=r"image \(F mode\) holds 1 non-finite pixel"):
+        slicing.load_image(img)
+    path = tmp_path / "float.tiff"
+    img.save(path)
+    with pytest.raises(ValueError, match=r"float\.tiff \(F mode\) holds 1 non-finite"):
+        slicing.load_image(path)
+    with pytest.raises(ValueError, match="non-finite"):
+        slicing.crops(path, (1, 1), 8)
+
+
 ALL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
              "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "F"]
 
@@ -198,6 +214,8 @@ def test_unreadable_and_missing(tmp_path):
         slicing.load_image(tmp_path / "nope.png")
     with pytest.raises(TypeError, match="image must be"):
         slicing.load_image(42)
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder"):
+        slicing.load_image(tmp_path)
 
 
 # ----------------------------------------------------------------------------- crops

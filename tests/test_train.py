@@ -31,7 +31,8 @@ def run(tmp_path_factory):
 
 def test_run_folder_contents(run):
     names = {p.name for p in run.iterdir()}
-    assert names == {ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS}
+    assert names == {ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.STATE, ckpt.MANIFEST,
+                     ckpt.METRICS}
     cfg = json.loads((run / ckpt.CONFIG).read_text())
     assert set(cfg) == {"model", "train", "data"}
     assert cfg["train"]["steps"] == 12 and cfg["train"]["batch_size"] == 4
@@ -412,14 +413,52 @@ def test_train_refuses_existing_run_and_cuda_without_gpu(run, capsys, tmp_path):
         assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_resume_needs_a_train_state(run, tmp_path, capsys):
-    half = tmp_path / "half"
-    half.mkdir()
-    for name in (ckpt.CONFIG, ckpt.TOKENIZER):
-        (half / name).write_bytes((run / name).read_bytes())
+def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, capsys):
+    """A run stopped before its first checkpoint (config.json and tokenizer.model only) resumes
+    from step 0 with its saved config, to the uninterrupted run's weights; a folder with
+    weights but no resume state is refused, naming train_state.pt."""
+    args = ["--steps", "2", "--batch-size", "2", "--eval-n", "0", "--quiet"]
+    straight = tmp_path / "straight"
+    assert cli_train([*args, "--out", str(straight)]) == 0
+    for keep in ([ckpt.CONFIG, ckpt.TOKENIZER], [ckpt.CONFIG]):
+        half = tmp_path / f"half{len(keep)}"
+        half.mkdir()
+        for name in keep:
+            (half / name).write_bytes((straight / name).read_bytes())
+        assert cli_train(["--resume", str(half), "--quiet"]) == 0
+        a, b = load_file(straight / ckpt.WEIGHTS), load_file(half / ckpt.WEIGHTS)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (half / ckpt.TOKENIZER).read_bytes() == (straight / ckpt.TOKENIZER).read_bytes()
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    for name in (ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS):
+        (orphan / name).write_bytes((straight / name).read_bytes())
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        cli_train(["--resume", str(half)])
+        cli_train(["--resume", str(orphan)])
     assert ckpt.STATE in capsys.readouterr().err
+
+
+def test_eval_renders_the_split_one_batch_at_a_time(run, monkeypatch):
+    """eval never holds more rendered samples than one batch (it once rendered all of --n
+    first): every predict call sees at most batch_size samples rendered ahead of it."""
+    rendered = {"n": 0}
+    answered = {"n": 0}
+    real_sample, real_predict = entitygrid.sample, data.predict
+
+    def counting_sample(seed, cfg=None):
+        rendered["n"] += 1
+        return real_sample(seed, cfg)
+
+    def checking_predict(model, tok, samples, *a, **kw):
+        assert rendered["n"] - answered["n"] <= 4, (rendered, answered)
+        answered["n"] += len(samples)
+        return real_predict(model, tok, samples, *a, **kw)
+
+    monkeypatch.setattr(entitygrid, "sample", counting_sample)
+    monkeypatch.setattr(data, "predict", checking_predict)
+    assert cli_eval([str(run), "--n", "10", "--batch-size", "4", "--by-entities"]) == 0
+    assert rendered["n"] == answered["n"] == 10
 
 
 def test_eval_bad_input(tmp_path, capsys):

@@ -1,21 +1,7 @@
-// window_attn_pool on the CPU. Index math: csrc/kernels/window_attn_pool.h.
-//
-// fast:  at::parallel_for over query rows (window, head). Per row: q converted once to the
-//        accumulation type (float32 for float32/16/bfloat16, float64 for float64), the T
-//        logits in a small scratch buffer, a numerically stable softmax (max subtracted),
-//        then out = sum_t p_t v_t. Dot products use `omp simd reduction` so the compiler may
-//        vectorise the sums (it may not reorder a plain float sum by itself).
-// naive: one loop iteration per output element, the per-element functions of the header
-//        (exactly what the CUDA v1 kernels run, so CPU tests cover the GPU's v1 math).
-//
-// What the backward saves and recomputes: the forward returns lse = log sum_t exp(s_t)
-// per row (float32, float64 for float64 input: 1/d of the output's size). The backward
-// recomputes s_t = scale q.k_t from the saved q and k (T dot products per row, as cheap as
-// reading a stored probability) and gets p_t = exp(s_t - lse) without a max/sum pass and
-// with exactly the forward's normalisation. D = sum_t p_t dp_t comes from the row's own
-// dp_t = dout.v_t, all of which ds_t needs anyway; so, unlike flash attention (which uses
-// D = dout.out because its T is large and tiled), `out` is not saved and no rounding of a
-// bfloat16 `out` enters the gradient.
+// window_attn_pool on the CPU: fast (parallel over query rows) and naive (a loop iteration
+// per output element, the header's functions, which CUDA v1 runs too). What they compute,
+// how the versions differ and what the backward saves: csrc/README.md; index math and the
+// softmax backward: csrc/kernels/window_attn_pool.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,6 +14,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../kernels/window_attn_pool.h"
 
 namespace minihires {
@@ -117,37 +104,44 @@ void backward_rows(const T* dout, const T* q, const T* k, const T* v, const at::
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                int64_t kh, int64_t kw, double scale, bool naive) {
-  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw);
+template <Version V>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                           int64_t kh, int64_t kw, double scale) {
+  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw, scale);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(acc_type(q.scalar_type())));
+  record_kernel(V == Version::kFast ? "window_attn_pool cpu fast" : "window_attn_pool cpu naive");
   if (out.numel() == 0) return {out, lse};  // N, Hq, Wq or nh is 0 (d > 0 is checked): lse is empty too
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attn_pool_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     Acc* lp = lse.data_ptr<Acc>();
-    if (!naive) return forward_rows<scalar_t>(qp, kp, vp, op, lp, s, static_cast<Acc>(scale));
-    at::parallel_for(0, s.rows() * s.d, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e)
-        naive_forward_element<Acc>(qp, kp, vp, op, lp, s, e / s.d, e % s.d, static_cast<Acc>(scale));
-    });
+    if constexpr (V == Version::kFast) {
+      forward_rows<scalar_t>(qp, kp, vp, op, lp, s, static_cast<Acc>(scale));
+    } else {
+      at::parallel_for(0, s.rows() * s.d, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e)
+          naive_forward_element<Acc>(qp, kp, vp, op, lp, s, e / s.d, e % s.d, static_cast<Acc>(scale));
+      });
+    }
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out_, const at::Tensor& q_,
-                                                             const at::Tensor& k_, const at::Tensor& v_,
-                                                             const at::Tensor& lse_, int64_t kh, int64_t kw,
-                                                             double scale, bool naive) {
-  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw);
+template <Version V>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out_, const at::Tensor& q_,
+                                                        const at::Tensor& k_, const at::Tensor& v_,
+                                                        const at::Tensor& lse_, int64_t kh, int64_t kw,
+                                                        double scale) {
+  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw, scale);
   check_window_attn_pool_backward_args(grad_out_, q_, lse_);
   const at::Tensor g = grad_out_.contiguous(), q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(),
                    lse = lse_.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
+  record_kernel(V == Version::kFast ? "window_attn_pool_backward cpu fast" : "window_attn_pool_backward cpu naive");
   if (q.numel() == 0) return {dq, dk, dv};  // then k and v are empty too
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attn_pool_backward_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -155,43 +149,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                    *vp = v.data_ptr<scalar_t>();
     const Acc* lp = lse.data_ptr<Acc>();
     scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
-    if (!naive) return backward_rows<scalar_t>(gp, qp, kp, vp, lp, dqp, dkp, dvp, s, static_cast<Acc>(scale));
-    at::parallel_for(0, s.rows() * s.d, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e)
-        naive_backward_element<Acc>(gp, qp, kp, vp, lp, dqp, dkp, dvp, s, e / s.d, e % s.d,
-                                    static_cast<Acc>(scale));
-    });
+    if constexpr (V == Version::kFast) {
+      backward_rows<scalar_t>(gp, qp, kp, vp, lp, dqp, dkp, dvp, s, static_cast<Acc>(scale));
+    } else {
+      at::parallel_for(0, s.rows() * s.d, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e)
+          naive_backward_element<Acc>(gp, qp, kp, vp, lp, dqp, dkp, dvp, s, e / s.d, e % s.d,
+                                      static_cast<Acc>(scale));
+      });
+    }
   });
   return {dq, dk, dv};
-}
-
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kh,
-                                       int64_t kw, double scale) {
-  return forward_impl(q, k, v, kh, kw, scale, false);
-}
-std::tuple<at::Tensor, at::Tensor> fwd_naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             int64_t kh, int64_t kw, double scale) {
-  return forward_impl(q, k, v, kh, kw, scale, true);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, const at::Tensor& lse, int64_t kh,
-                                                   int64_t kw, double scale) {
-  return backward_impl(g, q, k, v, lse, kh, kw, scale, false);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_naive(const at::Tensor& g, const at::Tensor& q,
-                                                         const at::Tensor& k, const at::Tensor& v,
-                                                         const at::Tensor& lse, int64_t kh, int64_t kw,
-                                                         double scale) {
-  return backward_impl(g, q, k, v, lse, kh, kw, scale, true);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minihires, CPU, m) {
-  m.impl("window_attn_pool", &fwd);
-  m.impl("window_attn_pool_backward", &bwd);
-  m.impl("window_attn_pool_naive", &fwd_naive);
-  m.impl("window_attn_pool_backward_naive", &bwd_naive);
+  register_versions(m, "window_attn_pool", &forward<Version::kFast>, &forward<Version::kNaive>);
+  register_versions(m, "window_attn_pool_backward", &backward<Version::kFast>, &backward<Version::kNaive>);
 }
 
 }  // namespace minihires

@@ -1,43 +1,11 @@
-// window_attn_pool on the GPU (llm.c dev/cuda style: versions from naive up).
-// Index math: csrc/kernels/window_attn_pool.h (shared with the CPU kernel and the ctest
-// suite): query row = window*nh + head at q + row*d; key t of its window at
-// key_offset(shape, window, head, t) = ((key_row*W + key_col)*nh + head)*d, read in place
-// from the [N, H, W, nh, d] layout (no copy of the windows is ever made).
+// window_attn_pool on the GPU (llm.c dev/cuda style: versions from naive up). What the op
+// computes, what each version adds, what the backward saves, the napkin math and the note
+// on --use_fast_math: csrc/README.md; index math and the softmax backward:
+// csrc/kernels/window_attn_pool.h.
 //
-// v1 (naive): one thread per output element (row, c), running the header's per-element
-//    functions (the CPU `_naive` ops run the same code). Forward: each thread recomputes the
-//    row's T logits (d-fold redundant dot products; the loads hit L1) and its own channel of
-//    sum_t p_t v_t. Backward: each thread recomputes p_t, dp_t and D = sum p_t dp_t, then
-//    writes dq[c] and dk_t[c], dv_t[c] for its window's T keys. Simple, obviously right,
-//    ~d times more arithmetic than needed.
-// v2 (group per row, online softmax): a group of G lanes (G a power of two <= 32, so a warp
-//    holds 32/G rows) owns one row; lane l holds channel chunks l, l+G, ... of VEC elements
-//    (VEC*sizeof(T) = 16 bytes: one uint4-sized load per chunk when d and the pointers
-//    allow it, VEC = 1 otherwise) in float registers (double for float64). Per key t: the
-//    lanes load their chunks of k_t and v_t, reduce q.k_t with __shfl_xor_sync inside the
-//    group, and update the online softmax (running max m, sum l, acc = acc*exp(m_old - m) +
-//    p v_t), so k and v are read exactly once and nothing is written before the end.
-//    Backward, per key t (one pass over k and v): p_t = exp(s_t - lse), dp_t = dout.v_t,
-//    D += p_t dp_t (then D /= sum_t p_t, see the header), dv_t = p_t dout written at once,
-//    and A += p_t dp_t k_t, B += p_t k_t so that dq = scale (A - D B) = scale sum_t p_t
-//    (dp_t - D) k_t needs no second read of k.
-//    dk_t = scale p_t (dp_t - D) q needs D, so a second pass writes it from p_t, dp_t cached
-//    in registers (keys t < kCache; keys beyond recompute them, reloading k_t and v_t).
-//    A lane holds at most 16 elements of a row (more spill registers): rows with d > 128
-//    (scalar loads) or d > 512 (bf16/fp16/float32 vectors), 256 (float64 vectors) run v1.
-//
-// What the backward saves: q, k, v (inputs) and lse (float32 per row; float64 for float64).
-//    It recomputes s_t rather than storing the T probabilities (T dot products per row,
-//    cheaper than a second [rows, T] tensor), and gets D from the row's own dp_t, so `out`
-//    is not saved (flash attention uses D = dout.out because its T is large and tiled).
-//
-// Napkin math (bytes that must move; T = kh*kw, |q| = rows*d*sizeof(T), rows = N*Hq*Wq*nh):
-//    forward  |q| + |k| + |v| + |out| + |lse| = (2 + 2T)|q| + 4 rows
-//    backward |dout| + |q| + |k| + |v| + |lse| + |dq| + |dk| + |dv| = (3 + 4T)|q| + 4 rows
-//    Paper scale (20 crops, 24x24 tokens, window 2x2, nh = 16, d = 64, bf16): |q| = 5.9 MB,
-//    forward 59 MB ~ 12 us, backward 112 MB ~ 23 us at H200's ~4.8 TB/s. Arithmetic is
-//    ~4T*d flops per row: far below the compute roof, so bandwidth is the floor; a clone()
-//    of k measured in the same run is the practical ceiling.
+// v1: a thread per output element (the header's functions, as the CPU `_naive` ops).
+// v2: a group of G lanes per row, each lane holding CHUNKS chunks of VEC elements of it in
+//    registers; online softmax forward; backward in two passes (dv and dq, then dk).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -45,12 +13,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <tuple>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../kernels/window_attn_pool.h"
 
 namespace minihires {
@@ -294,9 +264,17 @@ void backward_v2_launch(const Plan& pl, const T* g, const T* q, const T* k, cons
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                int64_t kh, int64_t kw, double scale, bool naive) {
-  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw);
+// What a launch ran, for last_kernel(): "<op> cuda v1" or "<op> cuda v2 vec=.. G=.. chunks=..".
+std::string describe(const char* op, const Plan& pl, Version version) {
+  if (version == Version::kNaive) return c10::str(op, " cuda v1");
+  if (!pl.ok) return c10::str(op, " cuda v1 (row too long for v2)");
+  return c10::str(op, " cuda v2 vec=", pl.vec, " G=", pl.G, " chunks=", pl.chunks);
+}
+
+template <Version V>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                           int64_t kh, int64_t kw, double scale) {
+  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw, scale);
   c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -310,23 +288,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q_, const at::
     scalar_t* op = out.data_ptr<scalar_t>();
     Acc* lp = lse.data_ptr<Acc>();
     const Plan pl = plan_for<scalar_t>(s.d, aligned16({qp, kp, vp, op}));
-    if (naive || !pl.ok)
+    if (V == Version::kNaive || !pl.ok)
       forward_v1_kernel<scalar_t, Acc><<<blocks_for(s.rows() * s.d), kThreads, 0, stream>>>(
           qp, kp, vp, op, lp, s, static_cast<Acc>(scale));
     else if (pl.vec == kVec)
       forward_v2_launch<scalar_t, kVec>(pl, qp, kp, vp, op, lp, s, static_cast<Acc>(scale), stream);
     else
       forward_v2_launch<scalar_t, 1>(pl, qp, kp, vp, op, lp, s, static_cast<Acc>(scale), stream);
+    record_kernel(describe("window_attn_pool", pl, V));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g_, const at::Tensor& q_,
-                                                             const at::Tensor& k_, const at::Tensor& v_,
-                                                             const at::Tensor& lse_, int64_t kh, int64_t kw,
-                                                             double scale, bool naive) {
-  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw);
+template <Version V>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_, const at::Tensor& q_,
+                                                        const at::Tensor& k_, const at::Tensor& v_,
+                                                        const at::Tensor& lse_, int64_t kh, int64_t kw,
+                                                        double scale) {
+  const WindowShape s = check_window_attn_pool_args(q_, k_, v_, kh, kw, scale);
   check_window_attn_pool_backward_args(g_, q_, lse_);
   c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor g = g_.contiguous(), q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(),
@@ -344,45 +324,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
     const Plan pl = plan_for<scalar_t>(s.d, aligned16({gp, qp, kp, vp, dqp, dkp, dvp}));
     const Acc sc = static_cast<Acc>(scale);
-    if (naive || !pl.ok)
+    if (V == Version::kNaive || !pl.ok)
       backward_v1_kernel<scalar_t, Acc><<<blocks_for(s.rows() * s.d), kThreads, 0, stream>>>(
           gp, qp, kp, vp, lp, dqp, dkp, dvp, s, sc);
     else if (pl.vec == kVec)
       backward_v2_launch<scalar_t, kVec>(pl, gp, qp, kp, vp, lp, dqp, dkp, dvp, s, sc, stream);
     else
       backward_v2_launch<scalar_t, 1>(pl, gp, qp, kp, vp, lp, dqp, dkp, dvp, s, sc, stream);
+    record_kernel(describe("window_attn_pool_backward", pl, V));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kh,
-                                       int64_t kw, double scale) {
-  return forward_impl(q, k, v, kh, kw, scale, false);
-}
-std::tuple<at::Tensor, at::Tensor> fwd_naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             int64_t kh, int64_t kw, double scale) {
-  return forward_impl(q, k, v, kh, kw, scale, true);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, const at::Tensor& lse, int64_t kh,
-                                                   int64_t kw, double scale) {
-  return backward_impl(g, q, k, v, lse, kh, kw, scale, false);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_naive(const at::Tensor& g, const at::Tensor& q,
-                                                         const at::Tensor& k, const at::Tensor& v,
-                                                         const at::Tensor& lse, int64_t kh, int64_t kw,
-                                                         double scale) {
-  return backward_impl(g, q, k, v, lse, kh, kw, scale, true);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minihires, CUDA, m) {
-  m.impl("window_attn_pool", &fwd);
-  m.impl("window_attn_pool_backward", &bwd);
-  m.impl("window_attn_pool_naive", &fwd_naive);
-  m.impl("window_attn_pool_backward_naive", &bwd_naive);
+  register_versions(m, "window_attn_pool", &forward<Version::kFast>, &forward<Version::kNaive>);
+  register_versions(m, "window_attn_pool_backward", &backward<Version::kFast>, &backward<Version::kNaive>);
 }
 
 }  // namespace minihires

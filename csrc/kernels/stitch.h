@@ -1,10 +1,9 @@
-// stitch / split: the index math (torch-free, host and device).
+// stitch / split: the index math (torch-free, host and device). What the ops compute, their
+// contract and their versions: csrc/README.md.
 //
-// What: a batch holds N = sum_i r_i*c_i slices of h x w tokens with C channels each,
-//   slices [N, h, w, C]. stitch() lays image i's slices back on its canvas
-//   [r_i*h, c_i*w, C] (row-major), and packs the canvases of all images one after
-//   another: packed [N*h*w, C]. split() is the exact inverse. Both are permutations of
-//   rows of C channels, so the kernels never look at the values: they move bytes.
+// Layouts: slices [N, h, w, C] (N = sum_i r_i*c_i slices of h x w tokens) and packed
+//   [N*h*w, C] (image i's canvas [r_i*h, c_i*w, C], row-major, images one after another).
+//   Both ops permute rows of C channels, so the kernels never look at the values.
 //
 // Index math. Let s_i = sum_{j<i} r_j*c_j be image i's first slice. Image i owns packed
 //   rows [s_i*h*w, s_{i+1}*h*w). For a packed row p of image i:
@@ -17,9 +16,8 @@
 //   slice row (same slice, same yy, xx = 0..w-1), so a run is w*C contiguous elements in
 //   both layouts. There are N*h runs; run k starts at packed row k*w. The fast kernels
 //   copy whole runs; the naive ones recompute the index for every element.
-//
-// Napkin bandwidth: each element is read once and written once: 2 * N*h*w*C*sizeof(T)
-//   bytes. Nothing is computed, so the floor is a plain copy (clone()) of the same tensor.
+//   csrc/checks.h has checked the sizes first (grid_tables below does the sums): every
+//   product here fits int64.
 #pragma once
 #include "common.h"
 
@@ -48,13 +46,21 @@ MH_HD int64_t slice_row_of(const int64_t* slice_start, const int64_t* cols, int6
   return (slice * h + yy) * w + xx;
 }
 
-// Host-side helper: fill slice_start (n+1) and cols (n) from flat grids [r0, c0, r1, c1, ...].
-inline void grid_tables(const int64_t* flat_grids, int64_t n_images, int64_t* slice_start, int64_t* cols) {
+// The one builder of the grid tables (the CPU and CUDA kernels and the ctest suite all use
+// it): slice_start[0..n] = prefix sums of r_i*c_i (slice_start[n] = N, the slice count) and
+// cols[0..n) = c_i, from flat grids [r0, c0, r1, c1, ...]. Host only.
+// Returns -1 when every r_i, c_i is positive and every product and running sum fits int64;
+// otherwise the first image i where that fails (its r_i or c_i is not positive, or r_i*c_i
+// or slice_start[i+1] overflows), and the tables past i are left unset.
+inline int64_t grid_tables(const int64_t* flat_grids, int64_t n_images, int64_t* slice_start, int64_t* cols) {
   slice_start[0] = 0;
   for (int64_t i = 0; i < n_images; ++i) {
-    cols[i] = flat_grids[2 * i + 1];
-    slice_start[i + 1] = slice_start[i] + flat_grids[2 * i] * flat_grids[2 * i + 1];
+    const int64_t r = flat_grids[2 * i], c = flat_grids[2 * i + 1];
+    int64_t rc = 0;
+    if (r <= 0 || c <= 0 || !mul_fits(r, c, &rc) || !add_fits(slice_start[i], rc, &slice_start[i + 1])) return i;
+    cols[i] = c;
   }
+  return -1;
 }
 
 }  // namespace minihires

@@ -1,9 +1,9 @@
-// window_attn_pool: the index math and the naive per-element math (torch-free, host and device).
+// window_attn_pool: the index math and the naive per-element math (torch-free, host and
+// device). What the op computes, its contract and its versions: csrc/README.md.
 //
-// What: q [N, Hq, Wq, nh, d], k, v [N, H, W, nh, d] with H = Hq*kh, W = Wq*kw (all
-//   contiguous). Query (n, i, j, head) attends, with softmax(scale * q.k), only to the
-//   T = kh*kw keys of its window: rows i*kh .. i*kh+kh-1, cols j*kw .. j*kw+kw-1.
-//   Output out [N, Hq, Wq, nh, d] is the softmax-weighted sum of the matching values.
+// Layouts (all contiguous): q [N, Hq, Wq, nh, d], k, v [N, H, W, nh, d] with H = Hq*kh,
+//   W = Wq*kw. Query (n, i, j, head) attends to the T = kh*kw keys of its window: rows
+//   i*kh .. i*kh+kh-1, cols j*kw .. j*kw+kw-1.
 //
 // Index math. Number the windows w = (n*Hq + i)*Wq + j and the query rows
 //   row = w*nh + head, so q/out row `row` starts at element row*d (lse at element row).
@@ -15,9 +15,10 @@
 //   (window, t): windows tile the key grid, so each key has one owner. The backward uses
 //   this: every dk, dv element is written by exactly one query, with no atomics.
 //   No window is ever copied out: kernels read keys in place with this strided math.
+//   csrc/checks.h has checked the sizes first: every offset here fits int64.
 //
 // Softmax per row: s_t = scale * q.k_t, lse = log sum_t exp(s_t), p_t = exp(s_t - lse),
-//   out = sum_t p_t v_t. Backward (p from lse; see the CPU and CUDA files for what is saved):
+//   out = sum_t p_t v_t. Backward (p from the saved lse; csrc/README.md says what is saved):
 //   dv_t = p_t dout, dp_t = dout.v_t, D = sum_t p_t dp_t, ds_t = p_t (dp_t - D),
 //   dq = scale * sum_t ds_t k_t, dk_t = scale * ds_t q.
 //   D is computed as sum_t p_t dp_t / sum_t p_t. In exact math sum_t p_t = 1; in floating

@@ -15,10 +15,13 @@ from ..ops import reference
 from .common import clone_bandwidth, device_name, format_table, gbps, median_time
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2), (1, 3), (2, 2)]
+SIZE_CHOICES = ("clip", "paper", "large", "all")  # paper: the same as clip
 
 
 def sizes(device: str, which: str) -> list[tuple[str, list[tuple[int, int]], int, int]]:
     """(name, grids, g, C) for each benchmark size."""
+    if which not in SIZE_CHOICES:
+        raise ValueError(f"sizes must be one of {', '.join(SIZE_CHOICES)}, got {which!r}")
     out = []
     if which in ("clip", "all", "paper"):
         out.append(("clip", GRIDS, 24, 1024))

@@ -19,11 +19,12 @@ from ..ops import reference
 from .common import clone_bandwidth, device_name, format_table, gbps, median_time
 
 SIZES = {"paper": (20, 12, 12, 2, 16, 64), "large": (256, 12, 12, 2, 16, 64)}  # N, Hq, Wq, window, nh, d
+SIZE_CHOICES = ("paper", "large", "all")
 
 
 def size_names(device: str, which: str) -> list[str]:
-    if which not in ("paper", "large", "all"):
-        raise ValueError(f"sizes must be 'paper', 'large' or 'all', got {which!r}")
+    if which not in SIZE_CHOICES:
+        raise ValueError(f"sizes must be one of {', '.join(SIZE_CHOICES)}, got {which!r}")
     names = ["paper", "large"] if which == "all" else [which]
     return [n for n in names if n != "large" or device == "cuda"]
 

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .checks import (check_split, check_stitch, check_window_attn_pool, normalize_grids,
-                     normalize_window)
+from .checks import (as_int, check_split, check_stitch, check_window_attn_pool, normalize_grids,
+                     normalize_window, resolve_scale)
 
 
 def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -39,6 +39,7 @@ def split(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: int) 
     """The inverse of `stitch`: packed canvases -> slices [N, h, w, C]."""
     grids = normalize_grids(grids)
     check_split(packed, grids, h, w)
+    h, w = as_int(h, "h"), as_int(w, "w")
     C = packed.shape[1]
     out, start = [], 0
     for r, c in grids:
@@ -56,6 +57,7 @@ def canvases(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: in
     """Zero-copy views [r_i*h, c_i*w, C] of each image's canvas inside `packed`."""
     grids = normalize_grids(grids)
     check_split(packed, grids, h, w)
+    h, w = as_int(h, "h"), as_int(w, "w")
     C = packed.shape[1]
     views, start = [], 0
     for r, c in grids:
@@ -75,7 +77,12 @@ def window_attn_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kh, kw = normalize_window(window)
     check_window_attn_pool(q, k, v, (kh, kw))
     n, hq, wq, nh, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, d)
+    if q.numel() == 0:
+        # No queries, an empty result. The windows are not gathered: with Hq or Wq = 0 any
+        # window passes the checks, even one too large for a reshape to describe. The sums
+        # keep k and v in the graph, so their (empty) gradients come back.
+        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
 
     def windows(x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(n, hq, kh, wq, kw, nh, d)          # (N, Hq, kh, Wq, kw, nh, d)
@@ -100,7 +107,7 @@ def window_attn_pool_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kh, kw = normalize_window(window)
     check_window_attn_pool(q, k, v, (kh, kw))
     n, hq, wq, nh, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, d)
     q64, k64, v64 = q.double(), k.double(), v.double()
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b in range(n):

@@ -14,8 +14,7 @@ import torch
 
 from . import reference
 from ._extension import LOADED, use_kernel
-from .checks import check_split, check_stitch, flat_grids, normalize_grids, pair_grids
-
+from .checks import as_int, check_split, check_stitch, flat_grids, normalize_grids, pair_grids, slice_count
 
 
 def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -31,6 +30,7 @@ def split(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: int) 
     """packed canvases [N*h*w, C] -> slices [N, h, w, C]; the inverse of stitch."""
     grids = normalize_grids(grids)
     check_split(packed, grids, h, w)
+    h, w = as_int(h, "h"), as_int(w, "w")
     if use_kernel("split", packed):
         return torch.ops.minihires.split(packed, flat_grids(grids), h, w)
     return reference.split(packed, grids, h, w)
@@ -42,7 +42,8 @@ def canvases(packed: torch.Tensor, grids: Sequence[Sequence[int]], h: int, w: in
 
 
 if LOADED:
-    # Fake (meta) kernels: output shapes from the int[] grids alone, no data needed.
+    # Fake (meta) kernels: output shapes from the int[] grids alone, no data needed. They
+    # run the checks of the C++ kernels (csrc/checks.h), so both reject the same input.
     @torch.library.register_fake("minihires::stitch")
     def _stitch_fake(slices, grids):
         check_stitch(slices, pair_grids(grids))
@@ -53,24 +54,33 @@ if LOADED:
     def _split_fake(packed, grids, h, w):
         pairs = pair_grids(grids)
         check_split(packed, pairs, h, w)
-        return packed.new_empty((sum(r * c for r, c in pairs), h, w, packed.shape[1]))
+        return packed.new_empty((slice_count(pairs), h, w, packed.shape[1]))
 
     torch.library.register_fake("minihires::stitch_naive")(_stitch_fake)
     torch.library.register_fake("minihires::split_naive")(_split_fake)
 
-    # Autograd: stitch and split are permutations and each other's inverse, hence adjoint.
-    def _stitch_setup(ctx, inputs, output):
-        slices, grids = inputs
-        ctx.grids, ctx.h, ctx.w = grids, slices.shape[1], slices.shape[2]
+    # Autograd: stitch and split are permutations and each other's inverse, hence adjoint:
+    # each one's backward is the other op (of the same version), itself differentiable, so
+    # double backward works too.
+    def _make_autograd(suffix: str):
+        stitch_op = getattr(torch.ops.minihires, "stitch" + suffix)
+        split_op = getattr(torch.ops.minihires, "split" + suffix)
 
-    def _stitch_backward(ctx, grad):
-        return torch.ops.minihires.split(grad.contiguous(), ctx.grids, ctx.h, ctx.w), None
+        def stitch_setup(ctx, inputs, output):
+            slices, grids = inputs
+            ctx.grids, ctx.h, ctx.w = grids, slices.shape[1], slices.shape[2]
 
-    def _split_setup(ctx, inputs, output):
-        ctx.grids = inputs[1]
+        def stitch_backward(ctx, grad):
+            return split_op(grad, ctx.grids, ctx.h, ctx.w), None
 
-    def _split_backward(ctx, grad):
-        return torch.ops.minihires.stitch(grad.contiguous(), ctx.grids), None, None, None
+        def split_setup(ctx, inputs, output):
+            ctx.grids = inputs[1]
 
-    torch.library.register_autograd("minihires::stitch", _stitch_backward, setup_context=_stitch_setup)
-    torch.library.register_autograd("minihires::split", _split_backward, setup_context=_split_setup)
+        def split_backward(ctx, grad):
+            return stitch_op(grad, ctx.grids), None, None, None
+
+        torch.library.register_autograd(f"minihires::stitch{suffix}", stitch_backward, setup_context=stitch_setup)
+        torch.library.register_autograd(f"minihires::split{suffix}", split_backward, setup_context=split_setup)
+
+    for _suffix in ("", "_naive"):
+        _make_autograd(_suffix)
