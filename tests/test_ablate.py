@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minihires.ablate import VARIANTS, cli_ablate
+from minihires.cli.ablate import cli_ablate
+from minihires.training.ablate import VARIANTS
 
 
 def test_two_variants_two_seeds(tmp_path, capsys):

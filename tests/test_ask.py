@@ -2,10 +2,12 @@
 per question, equal to the batched evaluation's answer; clear errors on bad input."""
 import pytest
 
-from minihires import checkpoint as ckpt
-from minihires import data, entitygrid
-from minihires.ask import cli_ask
-from minihires.train import cli_train
+from minihires.cli.ask import cli_ask
+from minihires.cli.entitygrid import cli_entitygrid
+from minihires.cli.train import cli_train
+from minihires.data import entitygrid
+from minihires.training import checkpoint as ckpt
+from minihires.training import evaluate as scoring
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    assert entitygrid.cli_entitygrid(["--split", "test", "--n", "6", "--out", str(out)]) == 0
+    assert cli_entitygrid(["--split", "test", "--n", "6", "--out", str(out)]) == 0
     return out, entitygrid.load_export(out)
 
 
@@ -35,7 +37,7 @@ def test_ask_answers_exported_questions(run, exported, capsys):
         answers.append(out[0].strip())
     # the same answers as the batched, left-padded evaluation on the same PNG files
     model, tok, cfg = ckpt.load_run(run)
-    batch = data.predict(model, tok, [dict(r, image=str(folder / r["image"])) for r in records],
+    batch = scoring.predict(model, tok, [dict(r, image=str(folder / r["image"])) for r in records],
                          batch_size=len(records), max_new_tokens=64)
     assert answers == batch
     # and scoring the export's records works on these answers

@@ -8,14 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minihires import budget
-from minihires.config import paper, tiny
+from minihires.analysis import budget
+from minihires.cli.tokens import cli_tokens
 from minihires.model import HiResLLaVA, image_inputs
+from minihires.model.config import paper, tiny
 
 # LLaVA-NeXT sizes (width, height): square, wide, tall, extreme, tiny, odd
 NEXT_SIZES = [(672, 672), (1344, 896), (896, 1344), (1008, 336), (336, 1008), (500, 333),
@@ -31,8 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def transformers_next_counts(width, height):
     """(processor's count, model's packed feature count) from transformers' LLaVA-NeXT code."""
     tf = pytest.importorskip("transformers", reason="LLaVA-NeXT counts are checked against transformers")
-    from transformers.models.llava_next.modeling_llava_next import (LlavaNextModel,
-                                                                     get_anyres_image_grid_shape)
+    from transformers.models.llava_next.modeling_llava_next import (
+        LlavaNextModel,
+        get_anyres_image_grid_shape,
+    )
     from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
     cfg = tf.LlavaNextConfig()
     proc = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints),
@@ -119,7 +123,7 @@ def test_vision_flops_match_the_flop_counter(grid):
 def test_llm_flops_and_kv_cache_match_the_model(kv_heads, tied):
     cfg = tiny().llama
     cfg = dataclasses.replace(cfg, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
-    from minihires.llama import Llama
+    from minihires.model.llama import Llama
     llm = Llama(cfg).eval()
     T = 37
     x = torch.randn(1, T, cfg.hidden_size)
@@ -148,7 +152,7 @@ def test_paper_parameter_counts_match_transformers():
 
 
 def test_cli(capsys):
-    assert budget.cli_tokens(["--size", "672x672", "--size", "1344x896,200x100",
+    assert cli_tokens(["--size", "672x672", "--size", "1344x896,200x100",
                               "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     cfg = tiny()
@@ -158,8 +162,8 @@ def test_cli(capsys):
         assert f"{grid[0]}x{grid[1]}" in line.split() and str(n) in line.split()
     assert "parameters of preset tiny" in out
     with pytest.raises(SystemExit):
-        budget.cli_tokens(["--size", "672by672"])
+        cli_tokens(["--size", "672by672"])
     assert "--size must be WIDTHxHEIGHT" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        budget.cli_tokens(["--preset", "huge"])
+        cli_tokens(["--preset", "huge"])
     assert "unknown preset" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """`python -m minihires`: every command resolves to its module's cli_<command>, and usage lists it."""
 import importlib
 
-from minihires.__main__ import COMMANDS, main, usage
+from minihires.cli import COMMANDS, main, usage
 
 
 def test_every_command_has_its_cli_function():

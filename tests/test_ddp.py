@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minihires import checkpoint as ckpt
-from minihires import data, entitygrid
+from minihires.data import batches as data
+from minihires.data import entitygrid
 from minihires.model import HiResLLaVA
-from minihires.train import param_hash
+from minihires.training import checkpoint as ckpt
+from minihires.training.train import param_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # gloo threads still alive; FAIL_RANK1_AT_BATCH makes rank 1's data fail at that batch.
 WRAPPER = textwrap.dedent("""
     import os, sys
-    from minihires import data
+    from minihires.data import batches as data
     fail_at = os.environ.get("FAIL_RANK1_AT_BATCH")
     if fail_at and os.environ["RANK"] == "1":
         real, calls = data.make_batch, [0]
@@ -38,7 +39,7 @@ WRAPPER = textwrap.dedent("""
                 raise ValueError("injected failure on rank 1")
             return real(*a, **kw)
         data.make_batch = make_batch
-    from minihires.__main__ import main
+    from minihires.cli import main
     try:
         code = main(sys.argv[1:])
     finally:
@@ -136,7 +137,7 @@ def test_torchrun_stress_under_load(tmp_path):
 
 
 def test_single_process_has_no_rank_hashes(tmp_path):
-    from minihires.train import cli_train
+    from minihires.cli.train import cli_train
     out = tmp_path / "one"
     assert cli_train(["--steps", "1", "--batch-size", "2", "--eval-n", "0", "--out", str(out),
                       "--quiet"]) == 0

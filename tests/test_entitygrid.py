@@ -15,12 +15,32 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from minihires import entitygrid as eg
-from minihires.entities import CLASSES, COLOURS, POSITIONS, crosses_seam, is_lit, place, render
-from minihires.entitygrid import (NUMBER_WORDS, TASKS, TEST_SEED_BASE,
-                                  EntityGridConfig, answer_vocabulary, cli_entitygrid, export,
-                                  is_test_seed, load_export, normalize, question_texts, sample,
-                                  score, stream)
+from minihires.cli.entitygrid import cli_entitygrid
+from minihires.data import entitygrid as eg
+from minihires.data.entities import (
+    CLASSES,
+    COLOURS,
+    POSITIONS,
+    crosses_seam,
+    is_lit,
+    place,
+    render,
+)
+from minihires.data.entitygrid import (
+    NUMBER_WORDS,
+    TASKS,
+    TEST_SEED_BASE,
+    EntityGridConfig,
+    answer_vocabulary,
+    export,
+    is_test_seed,
+    load_export,
+    normalize,
+    question_texts,
+    sample,
+    score,
+    stream,
+)
 
 CFG = EntityGridConfig()
 SEAM_POSITIONS = {"top", "left", "center", "right", "bottom"}   # a 1/2 coordinate
@@ -300,7 +320,7 @@ def test_each_class_is_one_stencil_in_every_vit_patch():
     patch (of the tiny ViT, patches start at multiples of 4 in each slice) that lies inside
     an entity's interior shows the same stencil, whatever the jitter and the slice; the
     eight classes give eight different stencils."""
-    from minihires.entities import PATTERN_PERIOD
+    from minihires.data.entities import PATTERN_PERIOD
     P = PATTERN_PERIOD
     assert CFG.slice_size % P == 0
     assert all(P % len(phase) == 0 for _, phase in CLASSES.values())
@@ -461,7 +481,7 @@ def test_load_export_names_a_bad_line(tmp_path):
 
 
 def test_cli_train_split_through_main(tmp_path, capsys):
-    from minihires.__main__ import main
+    from minihires.cli import main
     out = tmp_path / "train"
     assert main(["entitygrid", "--split", "train", "--n", "4", "--seed", "100",
                  "--slice-size", "48", "--out", str(out)]) == 0

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minihires import checkpoint as ckpt
-from minihires import train as T
-from minihires.evaluate import cli_eval
-from minihires.train import cli_train
+from minihires.cli.eval import cli_eval
+from minihires.cli.train import cli_train
+from minihires.training import checkpoint as ckpt
+from minihires.training import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "checkpoint.json"      # a run folder's checkpoint manifest (checkpoint.MANIFEST)
@@ -218,8 +218,8 @@ def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, sys, time
-    from minihires import checkpoint as ckpt
-    from minihires.train import cli_train
+    from minihires.training import checkpoint as ckpt
+    from minihires.cli.train import cli_train
     when = os.environ.get("KILL_WHEN")            # NAME:PHASE:CALL, e.g. model.safetensors:tmp:2
     if when:
         name, phase, call = when.split(":")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minihires import checkpoint as ckpt
-from minihires.__main__ import main
+from minihires.cli import main
+from minihires.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "checkpoint.json"      # a run folder's checkpoint manifest (checkpoint.MANIFEST)
@@ -232,9 +232,6 @@ CASES = {
         ["ablate", "--device", "bogus", "--runs", str(w["base"] / "a2")], ["device"]),
     "tokens: --size 0x5": lambda w: (["tokens", "--size", "0x5"], ["--size"]),
     "tokens: --preset nope": lambda w: (["tokens", "--preset", "nope"], ["preset"]),
-    "lookup: --threads 0": lambda w: (["lookup", "--threads", "0", "--steps", "1"],
-                                      ["--threads"]),
-    "lookup: --lr nan": lambda w: (["lookup", "--lr", "nan"], ["lr"]),
     # HF folders (ask --hf-llava)
     "ask --hf-llava: config.json not JSON": lambda w: (
         ["ask", "--hf-llava", str(hf_folder(w, "bj", "{oops")), str(w["image"]), S],

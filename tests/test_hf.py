@@ -14,15 +14,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers", reason="parity tests compare against transformers")
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,  # noqa: E402
-                          LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
+from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from minihires import hf  # noqa: E402
-from minihires.ask import cli_ask  # noqa: E402
-from minihires.config import tiny  # noqa: E402
-from minihires.llama import generate  # noqa: E402
-from minihires.model import HiResLLaVA, prepare  # noqa: E402
-from minihires.sampler import avg_pool_tokens  # noqa: E402
+from minihires.cli.ask import cli_ask  # noqa: E402
+from minihires.model import HiResLLaVA, hf, prepare  # noqa: E402
+from minihires.model.config import tiny  # noqa: E402
+from minihires.model.llama import generate  # noqa: E402
+from minihires.model.sampler import avg_pool_tokens  # noqa: E402
 
 TOL = 1e-5
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from minihires import slicing
-from minihires.config import tiny
-from minihires.model import IGNORE, HiResLLaVA, collate, image_inputs, prepare
-from minihires.tokenizer import Tokenizer
+from minihires.model import IGNORE, HiResLLaVA, collate, image_inputs, prepare, slicing
+from minihires.model.config import tiny
+from minihires.model.tokenizer import Tokenizer
 
 # image sizes whose grids under tiny() with max_slices=6 (S = 32) are 1x1, 1x3, 2x2, 3x2
 SIZES = {(1, 1): (20, 20), (1, 3): (100, 30), (2, 2): (64, 64), (3, 2): (64, 96)}

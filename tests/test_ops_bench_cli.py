@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from minihires import bench
 from minihires.benchmarks import stitch as stitch_bench
 from minihires.benchmarks import window_attn_pool as window_bench
+from minihires.cli import bench
 
 
 def test_bogus_sizes_is_one_error_line_and_exit_2():

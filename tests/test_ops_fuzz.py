@@ -79,6 +79,7 @@ def _close(got, want, what):
 def _reference_check(case, args, value):
     """'' when a valid case's result matches the reference, else what differs."""
     import torch
+
     from minihires.ops import reference as ref
     op = case["op"]
     if op in STITCH_OPS + SPLIT_OPS:
@@ -149,6 +150,7 @@ def run_case(case):
 
 def child_main():
     import torch
+
     import minihires.ops  # noqa: F401  (registers the ops and their fake kernels)
     torch.set_num_threads(1)
     print("READY", flush=True)
@@ -166,10 +168,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
 # The parent: the tests.
 # ==========================================================================================
 import pytest  # noqa: E402
+from conftest import devices, examples  # noqa: E402
 from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from conftest import devices, examples  # noqa: E402
 
 ALL_OPS = ("stitch", "split", "window_attn_pool", "window_attn_pool_backward")
 CASE_TIMEOUT = 120  # seconds; the first case also waits for the child's imports

@@ -5,11 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from minihires import entitygrid, probe, slicing
-from minihires.config import LlamaConfig, tiny
-from minihires.llama import Llama, rotary_cos_sin
-from minihires.model import HiResLLaVA
-from minihires.tokenizer import Tokenizer
+from minihires.analysis import probe
+from minihires.data import entitygrid
+from minihires.model import HiResLLaVA, slicing
+from minihires.model.config import LlamaConfig, tiny
+from minihires.model.llama import Llama, rotary_cos_sin
+from minihires.model.tokenizer import Tokenizer
 
 
 def test_last_row_attention_reproduces_the_layer_output():
@@ -73,8 +74,8 @@ def test_token_boxes_thumbnail_only_and_llava15():
 
 
 def test_eval_attention_on_an_overlap_run_is_a_clear_error(tmp_path, capsys):
-    from minihires.evaluate import cli_eval
-    from minihires.train import cli_train
+    from minihires.cli.eval import cli_eval
+    from minihires.cli.train import cli_train
     run = tmp_path / "overlap"
     assert cli_train(["--steps", "1", "--batch-size", "2", "--eval-n", "0", "--overlap", "0.25",
                       "--quiet", "--out", str(run)]) == 0

@@ -4,9 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from minihires import ops
-from minihires.config import SMSConfig
+from minihires.model.config import SMSConfig
+from minihires.model.sampler import (
+    AvgPoolSampler,
+    SelfMiningSampler,
+    avg_pool_tokens,
+    build_sampler,
+)
 from minihires.ops import reference
-from minihires.sampler import AvgPoolSampler, SelfMiningSampler, avg_pool_tokens, build_sampler
 
 D = 16
 CFG = SMSConfig(window=2, num_heads=4, mlp_ratio=2.0)

@@ -1,11 +1,12 @@
 """Questions packed after a shared prefix: each must get exactly the logits it gets alone."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minihires import shared_prefix
-from minihires.config import LlamaConfig
-from minihires.llama import KVCache, Llama
+from minihires.model import shared_prefix
+from minihires.model.config import LlamaConfig
+from minihires.model.llama import KVCache, Llama
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,

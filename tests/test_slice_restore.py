@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from minihires.config import SRAConfig, ViTConfig
-from minihires.slice_restore import SliceRestore
-from minihires.vit import VisionTransformer
+from minihires.model.config import SRAConfig, ViTConfig
+from minihires.model.slice_restore import SliceRestore
+from minihires.model.vit import VisionTransformer
 
 D = 16
 GRIDS = [(1, 1), (1, 3), (2, 2), (3, 2), (2, 2)]

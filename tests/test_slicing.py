@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from minihires import ops, slicing
-from minihires.config import tiny
-
+from minihires import ops
+from minihires.model import slicing
+from minihires.model.config import tiny
 
 # ----------------------------------------------------------------------------- grid rule
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import devices, examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import minihires.ops as ops
 from minihires.ops import reference as ref
-
-from conftest import devices, examples
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DEVICES = devices("stitch", "split")

@@ -4,9 +4,10 @@ import random
 
 import pytest
 import sentencepiece as spm
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minihires.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
+from minihires.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
 
 
 def corpus(n=300, seed=0):

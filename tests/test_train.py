@@ -9,11 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minihires import checkpoint as ckpt
-from minihires import data, entitygrid
+from minihires.cli.eval import cli_eval
+from minihires.cli.train import cli_train
+from minihires.data import batches as data
+from minihires.data import entitygrid
 from minihires.model import HiResLLaVA
-from minihires.evaluate import cli_eval
-from minihires.train import (TrainConfig, build, cli_train, lr_at, make_optimizer, param_hash)
+from minihires.training import checkpoint as ckpt
+from minihires.training import evaluate as scoring
+from minihires.training.train import (
+    TrainConfig,
+    build,
+    lr_at,
+    make_optimizer,
+    param_hash,
+)
 
 SMALL = ["--batch-size", "4", "--eval-n", "9", "--quiet"]
 METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "off_seam",
@@ -55,7 +64,7 @@ def test_weights_match_state_and_metrics(run):
 def test_eval_reproduces_metrics(run, capsys):
     saved = json.loads((run / ckpt.METRICS).read_text())
     model, tok, cfg = ckpt.load_run(run)
-    scores, _ = data.evaluate(model, tok, cfg["data"], saved["eval_n"])
+    scores, _ = scoring.evaluate(model, tok, cfg["data"], saved["eval_n"])
     for k in ("accuracy", "recognition", "position", "counting", "on_seam", "off_seam"):
         assert scores[k] == saved[k], k
     capsys.readouterr()
@@ -88,16 +97,16 @@ def test_eval_reproduces_metrics(run, capsys):
 def test_by_entities_counts_per_task_and_entity_number():
     samples = entitygrid.test_split(27)
     answers = [s.answer if i % 2 else "wrong" for i, s in enumerate(samples)]
-    table = data.by_entities(answers, samples)
+    table = scoring.by_entities(answers, samples)
     for task in entitygrid.TASKS:
         mine = [(i, s) for i, s in enumerate(samples) if s.task == task]
         assert sum(t for _, t in table[task].values()) == len(mine)
         for n, (right, total) in table[task].items():
             group = [i for i, s in mine if len(s.entities) == n]
             assert total == len(group) and right == sum(i % 2 for i in group)
-    assert "1 entity" in data.by_entities_table(table)
+    assert "1 entity" in scoring.by_entities_table(table)
     with pytest.raises(ValueError, match="differ in length"):
-        data.by_entities(answers[:-1], samples)
+        scoring.by_entities(answers[:-1], samples)
 
 
 def test_resume_equals_uninterrupted(tmp_path, capsys):
@@ -444,7 +453,7 @@ def test_eval_renders_the_split_one_batch_at_a_time(run, monkeypatch):
     first): every predict call sees at most batch_size samples rendered ahead of it."""
     rendered = {"n": 0}
     answered = {"n": 0}
-    real_sample, real_predict = entitygrid.sample, data.predict
+    real_sample, real_predict = entitygrid.sample, scoring.predict
 
     def counting_sample(seed, cfg=None):
         rendered["n"] += 1

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from minihires.config import SRAConfig, ViTConfig
-from minihires.vit import VisionTransformer
+from minihires.model.config import SRAConfig, ViTConfig
+from minihires.model.vit import VisionTransformer
 
 GRIDS = [(1, 1), (1, 3), (2, 2), (3, 2)]
 

@@ -16,14 +16,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import devices, examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 from minihires import ops
 from minihires.ops import reference
 from minihires.ops._extension import has_kernel
-
-from conftest import devices, examples
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW = (torch.bfloat16, torch.float16)

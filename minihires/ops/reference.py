@@ -10,8 +10,15 @@ from typing import Sequence
 
 import torch
 
-from .checks import (as_int, check_split, check_stitch, check_window_attn_pool, normalize_grids,
-                     normalize_window, resolve_scale)
+from .checks import (
+    as_int,
+    check_split,
+    check_stitch,
+    check_window_attn_pool,
+    normalize_grids,
+    normalize_window,
+    resolve_scale,
+)
 
 
 def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -14,7 +14,15 @@ import torch
 
 from . import reference
 from ._extension import LOADED, use_kernel
-from .checks import as_int, check_split, check_stitch, flat_grids, normalize_grids, pair_grids, slice_count
+from .checks import (
+    as_int,
+    check_split,
+    check_stitch,
+    flat_grids,
+    normalize_grids,
+    pair_grids,
+    slice_count,
+)
 
 
 def stitch(slices: torch.Tensor, grids: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -20,8 +20,12 @@ import torch
 
 from . import reference
 from ._extension import LOADED, use_kernel
-from .checks import (check_window_attn_pool, check_window_attn_pool_backward, normalize_window,
-                     resolve_scale)
+from .checks import (
+    check_window_attn_pool,
+    check_window_attn_pool_backward,
+    normalize_window,
+    resolve_scale,
+)
 
 
 def _check_args(q, k, v, window, scale) -> tuple[int, int, float]:

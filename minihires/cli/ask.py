@@ -15,17 +15,17 @@ import math
 
 import torch
 
-from .cli_errors import ArgumentParser, check_device, command, user_input
-from .slicing import load_image
+from minihires.cli.errors import ArgumentParser, check_device, command, user_input
+from minihires.model.slicing import load_image
 
 
 def load_model(args) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) for the parsed arguments."""
     if args.hf_llava:
-        from . import hf
+        from minihires.model import hf
         return hf.load_llava(args.hf_llava, hf.parse_dtype(args.dtype), args.device)
     # a trained run folder (owned by the training side: minihires.checkpoint)
-    from .checkpoint import load_run
+    from minihires.training.checkpoint import load_run
     model, tokenizer, _ = load_run(args.run_dir, args.device)
     return model, tokenizer
 

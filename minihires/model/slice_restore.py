@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .config import SRAConfig
-from .ops.checks import normalize_grids
+from minihires import ops
+from minihires.model.config import SRAConfig
+from minihires.ops.checks import normalize_grids
 
 
 class SelfAttention(nn.Module):

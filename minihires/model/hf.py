@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import LlamaConfig, ModelConfig, ViTConfig, paper
-from .llama import Llama
-from .model import HiResLLaVA, MultiModalProjector
-from .sampler import build_sampler
-from .slice_restore import SliceRestore
-from .tokenizer import Tokenizer
-from .vit import VisionTransformer
+from minihires.model.hires_llava import HiResLLaVA, MultiModalProjector
+from minihires.model.config import LlamaConfig, ModelConfig, ViTConfig, paper
+from minihires.model.llama import Llama
+from minihires.model.sampler import build_sampler
+from minihires.model.slice_restore import SliceRestore
+from minihires.model.tokenizer import Tokenizer
+from minihires.model.vit import VisionTransformer
 
 # ----------------------------------------------------------------------------- key maps
 

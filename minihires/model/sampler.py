@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .config import SMSConfig
-from .ops import reference
+from minihires import ops
+from minihires.model.config import SMSConfig
+from minihires.ops import reference
 
 
 def avg_pool_tokens(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@
                   with `turns` questions about it (data.conversation), packed so that each
                   sees the image but not the others (minihires.shared_prefix)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
-    metrics    <- greedy KV-cache answers on the fixed test split (data.evaluate)
+    metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
 pretrained. Budgets are counted in steps, not seconds, so a result does not depend on how
@@ -39,13 +39,12 @@ on the machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +52,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import data, distributed
-from .cli_errors import ArgumentParser, UserError, command, user_input
-from .data import results_table
-from .config import PRESETS, ModelConfig, preset
-from .entitygrid import POSITIONS, TEST_SEED_SPAN, EntityGridConfig, question_texts
-from .model import HiResLLaVA
-from .tokenizer import Tokenizer
+from minihires.data import batches as data
+from minihires.data.entitygrid import (
+    POSITIONS,
+    TEST_SEED_SPAN,
+    EntityGridConfig,
+    question_texts,
+)
+from minihires.model import HiResLLaVA
+from minihires.model.config import PRESETS, ModelConfig, preset
+from minihires.model.tokenizer import Tokenizer
+from minihires.training import checkpoint as ckpt
+from minihires.training import distributed
+from minihires.training import evaluate as scoring
 
+
+log = logging.getLogger(__name__)   # messages for the user; the command line shows them
 
 @dataclass
 class TrainConfig:
@@ -305,8 +311,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     rank, world, device = dd.rank, dd.world, dd.device
     if step < tc.steps or rank != 0:
         if rank == 0:
-            print(f"stopped after step {step} of {tc.steps}; continue with "
-                  f"`python -m minihires train --resume {out}`")
+            log.warning(f"stopped after step {step} of {tc.steps}; continue with "
+                        f"`python -m minihires train --resume {out}`")
         return None
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics = {"steps": tc.steps, "seed": tc.seed, "batch_size": tc.batch_size,
@@ -328,7 +334,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
         model.eval()
         with tqdm(total=tc.eval_n, unit="q", desc="eval", dynamic_ncols=True,
                   disable=not progress) as ebar:
-            scores, _ = data.evaluate(model, tokenizer, data_cfg, tc.eval_n, tc.eval_batch_size,
+            scores, _ = scoring.evaluate(model, tokenizer, data_cfg, tc.eval_n, tc.eval_batch_size,
                                       autocast, ebar.update)
         metrics.update(scores, eval_n=tc.eval_n, eval_time_s=time.perf_counter() - t0)
     metrics["wall_time_s"] = metrics["train_time_s"] + metrics.get("eval_time_s", 0.0)
@@ -435,8 +441,8 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
         bar.close()
         save(step)
         if rank == 0:
-            print(f"\ninterrupted after step {step}; continue with "
-                  f"`python -m minihires train --resume {out}`", file=sys.stderr)
+            log.warning(f"interrupted after step {step}; continue with "
+                        f"`python -m minihires train --resume {out}`")
         raise
     bar.close()
     save(step)
@@ -448,124 +454,3 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
             raise RuntimeError(f"ranks diverged: parameter hashes {hashes}")
     del ddp
     return step, losses, train_time, hashes, model, model_cfg, data_cfg, tokenizer
-
-
-# ---------------------------------------------------------------------------- command line
-
-_CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
-                 "freeze_vision_at",
-                 "seed", "eval_n", "span_words", "train_max_entities",
-                 "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
-                 "warmup_steps", "ckpt_every")
-
-
-@command
-def cli_train(argv: list[str]) -> int:
-    d = TrainConfig()
-    p = ArgumentParser(
-        prog="python -m minihires train",
-        description="Train HiRes-LLaVA from scratch on EntityGrid-QA, then score the test split.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"(default {d.preset})")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"images per step per rank (default {d.batch_size})")
-    p.add_argument("--turns", type=int, default=None,
-                   help=f"questions per training image (default {d.turns})")
-    p.add_argument("--chat-turns", dest="chat_turns", action="store_const", const=True,
-                   help="ask an image's questions as one conversation, each seeing the earlier "
-                        "questions and answers (default: each sees only the image prompt)")
-    p.add_argument("--span-words", dest="span_words", action=argparse.BooleanOptionalAction,
-                   default=None,
-                   help="let tokenizer pieces cross spaces, so each answer is one piece "
-                        "(default); --no-span-words ends every piece at a space")
-    p.add_argument("--train-max-entities", type=int, default=None, metavar="N",
-                   help="training recognition/position images hold 1..N entities "
-                        f"(default {d.train_max_entities}; the test split holds 1..2)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--vision-lr-scale", type=float, default=None,
-                   help=f"the vision tower's lr as a fraction of --lr (default {d.vision_lr_scale})")
-    p.add_argument("--freeze-vision-at", type=int, default=None, metavar="STEP",
-                   help="freeze the vision tower and sampler from STEP on (default: never)")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
-    p.add_argument("--seed", type=int, default=None, help=f"init and data seed (default {d.seed})")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, one per core)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
-    p.add_argument("--eval-n", type=int, default=None,
-                   help=f"test samples to score, 0 = none (default {d.eval_n})")
-    p.add_argument("--ckpt-every", type=int, default=None, help=f"(default {d.ckpt_every})")
-    p.add_argument("--no-slices", dest="use_slices", action="store_const", const=False,
-                   help="ablation: thumbnail only")
-    p.add_argument("--no-sra", dest="use_sra", action="store_const", const=False,
-                   help="ablation: no SliceRestore adapter")
-    p.add_argument("--no-crop-embedding", dest="crop_embedding", action="store_const",
-                   const=False, help="ablation: no learned crop embedding on the visual tokens")
-    p.add_argument("--compression", choices=("sms", "avg", "none"), default=None,
-                   help="token compression per crop (default: the preset's, sms)")
-    p.add_argument("--overlap", type=float, default=None,
-                   help="fraction of a slice shared with its neighbour (default 0)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue an interrupted run with its saved configuration")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after STEP steps as an interruption would (resume later)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-
-    if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None]
-        if given or args.out is not None:
-            p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
-        with user_input("--resume: "):
-            out = ckpt.check_run_dir(args.resume, ckpt.CONFIG)
-            _, saved, _ = ckpt.load_config(out)
-            saved.setdefault("chat_turns", True)     # run folders from before packing chatted
-            saved.setdefault("span_words", False)    # and ended every piece at a space
-            saved.update({k: getattr(args, k) for k in ("device", "threads")
-                          if getattr(args, k) is not None})
-            try:
-                tc = TrainConfig(**saved)
-            except TypeError as e:
-                raise ValueError(f"{out / ckpt.CONFIG}: train section: {e}") from None
-    else:
-        tc = TrainConfig(**{k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
-                            if getattr(args, k) is not None})
-    try:
-        tc.validate()
-    except ValueError as e:                 # name the flag, or the file the value came from
-        name = str(e).split()[0]
-        if getattr(args, name, None) is not None:
-            raise UserError(f"--{name.replace('_', '-')}: {e}") from None
-        raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
-    if args.stop_at is not None and args.stop_at < 1:
-        p.error(f"--stop-at must be >= 1, got {args.stop_at}")
-    rank = distributed.environment()[0]
-    if args.resume is not None:
-        with user_input("--resume: "):
-            load_resume(out, tc, args.stop_at)         # every check, before any rank starts
-    elif rank == 0:                                    # only rank 0 writes the folder
-        with user_input():
-            out = ckpt.claim_run_dir(args.out)
-    else:
-        out = Path(args.out or "runs")                 # not written by this rank
-
-    if rank == 0:
-        model_cfg = tc.model_config()
-        print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
-              f"x {tc.turns} questions{' (one conversation)' if tc.chat_turns else ''}, "
-              f"lr {tc.lr}, seed {tc.seed}, device {tc.device}"
-              + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
-              + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "
-              f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
-              f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}")
-    try:
-        metrics = train(tc, out, resume=args.resume is not None, stop_at=args.stop_at,
-                        progress=not args.quiet)
-    except KeyboardInterrupt:
-        return 130
-    except Diverged as e:
-        raise UserError(str(e)) from e
-    if metrics is not None:
-        print(results_table(metrics))
-        print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
-    return 0

@@ -1,7 +1,7 @@
-"""`python -m minihires lookup`: the tiny LLaMA's lookup, with perfect image tokens.
+"""`python experiments/lookup.py`: the tiny LLaMA's lookup, with perfect image tokens.
 
-The main job's models fail to find one of two entities from its description (README, "The
-main job"). This lab asks how long the LLM alone needs to learn that lookup, with the vision
+An experiment outside the package: an early version of the main job failed to find one of
+two entities from its description. This lab asks how long the LLM alone needs to learn that lookup, with the vision
 tower taken away and perfect image tokens in its place. The LLM reads `slots` image tokens,
 each the sum of three learned embeddings, as `crop_embedding` / `crop_grid_embedding` add a
 token's place to what it shows:
@@ -16,7 +16,7 @@ EntityGrid-QA), at random slots; as in `entitygrid._specs`, half the time the ot
 the asked entity's colour, so only the class tells them apart. The answer is found only by
 matching the question's two words against the image tokens (associative recall).
 
-What it shows (README gives the table and the command): every run sits at chance for
+What it shows (`docs/results.md` gives the table and the command): every run sits at chance for
 hundreds of steps, then learns the lookup within a few hundred more: after 400-1300 steps of
 64 questions (25k-85k questions) with 2 to 9 image tokens; with 16, two seeds of three had
 not learned it after 2000 steps. The main job's images are 83 tokens, and it asks about 33
@@ -28,6 +28,7 @@ batch of 512 questions at every evaluation.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -35,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli_errors import ArgumentParser, command, user_input
-from .config import tiny
-from .entities import CLASSES as CLASS_NAMES, COLOURS as COLOUR_NAMES
-from .llama import Llama
+from minihires.cli.errors import ArgumentParser, command, user_input
+from minihires.data.entities import CLASSES as CLASS_NAMES
+from minihires.data.entities import COLOURS as COLOUR_NAMES
+from minihires.model.config import tiny
+from minihires.model.llama import Llama
 
 COLOURS, CLASSES = len(COLOUR_NAMES), len(CLASS_NAMES)      # as EntityGrid-QA: 4 and 8
 # token ids of the synthetic vocabulary: colour words from 20, class words from 30, place words
@@ -146,7 +148,7 @@ def steps_to(curve: list[tuple[int, float, float]], accuracy: float) -> int | No
 @command
 def cli_lookup(argv: list[str]) -> int:
     p = ArgumentParser(
-        prog="python -m minihires lookup",
+        prog="python experiments/lookup.py",
         description="Associative recall among image tokens without the vision tower: steps "
                     "the tiny LLaMA needs to find an entity by its colour and class.")
     p.add_argument("--slots", type=int, nargs="+", default=[2, 4, 9, 16],
@@ -182,3 +184,7 @@ def cli_lookup(argv: list[str]) -> int:
             print(f"{slots:>6} {seed:>5} {hit if hit else f'> {args.steps}':>13} "
                   f"{100 * curve[-1][2]:>12.1f} {time.perf_counter() - t0:>7.0f}", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_lookup(sys.argv[1:]))

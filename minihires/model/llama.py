@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minihires import shared_prefix
-from minihires.config import LlamaConfig
+from minihires.model import shared_prefix
+from minihires.model.config import LlamaConfig
 
 
 class RMSNorm(nn.Module):

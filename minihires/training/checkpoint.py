@@ -43,10 +43,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .entitygrid import EntityGridConfig
-from .model import HiResLLaVA
-from .tokenizer import Tokenizer
+from minihires.data.entitygrid import EntityGridConfig
+from minihires.model import HiResLLaVA
+from minihires.model.config import ModelConfig
+from minihires.model.tokenizer import Tokenizer
 
 CONFIG, TOKENIZER, WEIGHTS, STATE, MANIFEST, METRICS = (
     "config.json", "tokenizer.model", "model.safetensors", "train_state.pt", "checkpoint.json",

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import entitygrid, slicing
-from .llama import Attention, apply_rotary
-from .model import HiResLLaVA, prepare, uses_slices
+from minihires.data import entitygrid
+from minihires.model import HiResLLaVA, prepare, slicing, uses_slices
+from minihires.model.llama import Attention, apply_rotary
 
 
 def token_boxes(cfg, grid: tuple[int, int], width: int, height: int) -> list:

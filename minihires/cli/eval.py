@@ -1,8 +1,8 @@
 """`python -m minihires eval RUN_DIR`: re-score a run folder on the EntityGrid-QA test split.
 
-Prints the same table as `train` (`data.results_table`), and on request two diagnostics of
+Prints the same table as `train` (`scoring.results_table`), and on request two diagnostics of
 what the model has not learned (README, "What is left"):
-    --by-entities  accuracy per task and number of entities in the image (`data.by_entities`)
+    --by-entities  accuracy per task and number of entities in the image (`scoring.by_entities`)
     --attention    per LLM layer and head, attention from the answer position to the asked
                    entity and to the other one in two-entity images (`minihires.probe`)
 
@@ -15,12 +15,14 @@ import time
 
 import torch
 
-from . import checkpoint as ckpt
-from . import data, probe
-from .cli_errors import ArgumentParser, check_device, command, user_input
-from .data import results_table
-from .entitygrid import TEST_SEED_SPAN
-from .train import TrainConfig
+from minihires.analysis import probe
+from minihires.cli.errors import ArgumentParser, check_device, command, user_input
+from minihires.data import batches as data
+from minihires.data.entitygrid import TEST_SEED_SPAN
+from minihires.training import checkpoint as ckpt
+from minihires.training import evaluate as scoring
+from minihires.training.evaluate import results_table
+from minihires.training.train import TrainConfig
 
 ATTENTION_TASKS = ("position", "recognition")
 
@@ -75,12 +77,12 @@ def cli_eval(argv: list[str]) -> int:
                 total[0] = m if total[0] is None else total[0] + m
                 total[1] += len(asked)
 
-    scores, tally = data.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast,
+    scores, tally = scoring.evaluate(model, tokenizer, cfg["data"], n, args.batch_size, autocast,
                                   on_batch=attention if args.attention else None)
     scores.update(eval_n=n, visual_tokens=data.visual_tokens(cfg["model"], cfg["data"]))
     print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
     if args.by_entities:
-        print(data.by_entities_table(tally.by_entities()))
+        print(scoring.by_entities_table(tally.by_entities()))
     for task in ATTENTION_TASKS:
         total, count = mass[task]
         if count:

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SRAConfig, ViTConfig
-from .ops.checks import normalize_grids
-from .slice_restore import SliceRestore
+from minihires.model.config import SRAConfig, ViTConfig
+from minihires.model.slice_restore import SliceRestore
+from minihires.ops.checks import normalize_grids
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,13 @@ import os
 
 import torch
 
-from .cli_errors import ArgumentParser, UserError, check_device, command, user_input
+from minihires.cli.errors import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    command,
+    user_input,
+)
 
 BENCHES = {"stitch": "minihires.benchmarks.stitch", "window_attn_pool": "minihires.benchmarks.window_attn_pool"}
 

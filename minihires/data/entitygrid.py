@@ -23,19 +23,16 @@ stream skips; a test seed also fixes its task and position (i % 3, i // 3 % 9), 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import re
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from minihires.cli_errors import ArgumentParser, command, user_input
-from minihires.entities import CLASSES, COLOURS, POSITIONS, Entity, place, render
+from minihires.data.entities import CLASSES, COLOURS, POSITIONS, Entity, place, render
 
 TASKS = ("recognition", "position", "counting")
 POSITION_NAMES = tuple(POSITIONS)
@@ -431,68 +428,3 @@ def check_export_dir(out: Path, force: bool) -> None:
         parent = next((p for p in out.parents if p.exists()), Path("."))
         if not parent.is_dir():
             raise ValueError(f"--out {out}: {parent} is not a folder")
-
-
-@command
-def cli_entitygrid(argv: list[str]) -> int:
-    """`python -m minihires entitygrid --split test --n 1000 --out DIR`."""
-    p = ArgumentParser(prog="python -m minihires entitygrid",
-                       description="Export EntityGrid-QA images and questions.")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=None,
-                   help="first training seed (train split only; the test split is fixed)")
-    p.add_argument("--slice-size", type=int, default=EntityGridConfig.slice_size)
-    p.add_argument("--rows", type=int, default=EntityGridConfig.rows)
-    p.add_argument("--cols", type=int, default=EntityGridConfig.cols)
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing export (its files only) in --out")
-    args = p.parse_args(argv)
-    if not 1 <= args.n <= TEST_SEED_SPAN:
-        p.error(f"--n must be in 1..{TEST_SEED_SPAN}, got {args.n}")
-    if args.split == "test" and args.seed is not None:
-        p.error("--seed applies to --split train only; the test split is fixed")
-    seed = 0 if args.seed is None else args.seed
-    if args.split == "train" and (seed < 0 or is_test_seed(seed)):
-        p.error(f"--seed must be >= 0 and outside the test range "
-                f"[{TEST_SEED_BASE}, {TEST_SEED_BASE + TEST_SEED_SPAN}), got {seed}")
-    with user_input():
-        try:
-            cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols)
-        except TypeError as e:
-            raise ValueError(str(e)) from None
-    if cfg.width * cfg.height > MAX_CANVAS_PIXELS:
-        p.error(f"--slice-size {args.slice_size} with {args.rows}x{args.cols} slices makes a "
-                f"{cfg.width}x{cfg.height} canvas, more than {MAX_CANVAS_PIXELS} pixels")
-    out = Path(args.out)
-    with user_input():
-        check_export_dir(out, args.force)
-        if is_export(out):
-            remove_export(out)
-        out.mkdir(parents=True, exist_ok=True)
-
-    samples = ((sample(s, cfg) for s in test_seeds(args.n)) if args.split == "test"
-               else itertools.islice(stream(seed, cfg), args.n))
-    step = max(1, args.n // 10)
-    print(f"EntityGrid-QA {args.split}: {args.n} samples, canvas {cfg.width}x{cfg.height} "
-          f"({cfg.rows}x{cfg.cols} slices of {cfg.slice_size} px) -> {out}")
-
-    def progress(i):
-        if i % step == 0 or i == args.n:
-            print(f"  {i}/{args.n}", flush=True)
-
-    tasks, on_seam, total = dict.fromkeys(TASKS, 0), 0, 0
-    with user_input(f"--out {out}: "):                # e.g. the disk or the folder is full
-        for r in _export(samples, out, cfg, progress):
-            tasks[r["task"]] += 1
-            on_seam += r["on_seam"]
-            total += 1
-    print("per task: " + ", ".join(f"{t} {tasks[t]}" for t in TASKS))
-    print(f"on seam: {on_seam}/{total} ({100.0 * on_seam / total:.1f}%)")
-    print(f"wrote {out / EXPORT_QUESTIONS} and {total} images in {out / 'images'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_entitygrid(sys.argv[1:]))

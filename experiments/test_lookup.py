@@ -1,9 +1,10 @@
-"""The lookup lab: its questions have one right answer, and the LLM can learn them."""
+"""The lookup experiment: its questions have one right answer, and the LLM can learn them.
+
+Not part of the unit suite: `python -m pytest experiments` runs it (about a minute)."""
 import pytest
 import torch
 
-from minihires import lookup as L
-from minihires.__main__ import main
+import lookup as L
 
 
 @pytest.mark.parametrize("slots,entities", [(2, 2), (9, 2), (16, 3), (5, 1)])
@@ -63,10 +64,10 @@ def test_bad_arguments(kw, msg):
 
 
 def test_cli(capsys):
-    assert main(["lookup", "--slots", "3", "--steps", "2", "--every", "1", "--threads", "1"]) == 0
+    assert L.cli_lookup(["--slots", "3", "--steps", "2", "--every", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "steps to 90%" in out and out.strip().splitlines()[-1].split()[:3] == ["3", "0", ">"]
     with pytest.raises(SystemExit):
-        main(["lookup", "--slots", "1", "--entities", "2", "--steps", "2"])
+        L.cli_lookup(["--slots", "1", "--entities", "2", "--steps", "2"])
     captured = capsys.readouterr()
     assert "entities must be" in captured.err and "steps to 90%" not in captured.out

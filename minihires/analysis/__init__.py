@@ -1,0 +1,1 @@
+"""Tools to look inside: where the LLM attends (probe), what a resolution costs (budget)."""

@@ -1,0 +1,8 @@
+"""Training and scoring: the loop, the test-split evaluation, run folders, DDP, ablations.
+
+    train        TrainConfig and the training loop (single process or torchrun DDP)
+    evaluate     greedy answers on the test split, the results table
+    checkpoint   run folders: config, weights, optimizer state, written atomically
+    distributed  the process-group lifecycle under torchrun
+    ablate       the ablation variants and their table
+"""
