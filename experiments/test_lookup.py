@@ -38,8 +38,9 @@ def test_forward_shape_and_answer_position():
 
 
 def test_two_slots_are_learned():
-    """Seed 0 with the two entity tokens only: at chance first, 90% by step 400 (README's
-    table, measured with 1 thread; one thread keeps the run bitwise the same)."""
+    """Seed 0 with the two entity tokens only: at chance first, then 90% within 600 steps
+    (the lookup table in docs/results.md, measured with 1 thread; one thread keeps the run
+    bitwise the same)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

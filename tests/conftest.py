@@ -9,6 +9,9 @@ profile decides how hard they look.
 
 Device-parametrised kernel tests use `devices("op", ...)`: the cuda instance carries the
 `cuda` marker, so `pytest -m cuda` (tests/gpu/run.sh) runs exactly the GPU instances.
+
+`trained_run` is the session's one shared training (a tiny run folder): tests that only need
+some trained run use it instead of training their own.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def restore_threads():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny ops: one thread is several times faster than two on a busy 2-core machine.
+    """Tiny ops on a shared 2-core machine: one thread never waits for a busy core.
     Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     torch.set_num_threads(1)
     yield
@@ -92,3 +95,23 @@ def poison():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
     torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+# the one shared training: `trained_run`'s flags (tests read its numbers from here). 30 steps
+# at lr 3e-3: past the first phase in which the model answers every question with eos (16
+# steps were not), so `ask` prints an answer.
+TRAINED_RUN_ARGS = ["--steps", "30", "--ckpt-every", "7", "--batch-size", "2", "--lr", "3e-3",
+                    "--warmup-steps", "3", "--eval-n", "9", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run folder of `python -m minihires train TRAINED_RUN_ARGS` (tiny preset, checkpoints
+    every 7 steps and at the end, metrics on 9 test samples), trained once per session for
+    every test that needs "some trained run". Tests must not change it: copy it first to
+    damage or resume it. Tests that need their own run (resume, kill, stop-at, DDP, other
+    flags) train it themselves."""
+    from minihires.cli.train import cli_train
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert cli_train([*TRAINED_RUN_ARGS, "--out", str(out)]) == 0
+    return out

@@ -24,9 +24,22 @@ def test_two_variants_two_seeds(tmp_path, capsys):
     thumb = json.loads((runs / "thumbnail-seed0" / "config.json").read_text())
     full = json.loads((runs / "sms+sra-seed0" / "config.json").read_text())
     assert thumb["model"]["use_slices"] is False and full["model"]["use_sra"] is True
+    # the same figures as JSON beside the table, each seed's own run
+    figures = json.loads((runs / "ablation.json").read_text())
+    assert figures["seeds"] == [0, 1] and list(figures["variants"]) == ["thumbnail", "sms+sra"]
+    for key in ("thumbnail", "sms+sra"):
+        saved = [json.loads((runs / f"{key}-seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        got = figures["variants"][key]["runs"]
+        assert [g["accuracy"] for g in got] == [m["accuracy"] for m in saved]
+        assert [g["visual_tokens"] for g in got] == [m["visual_tokens"] for m in saved]
+        assert all(g["continuity_on"] is None for g in got)      # not asked: default tasks
     # the visual-token column comes from each variant's own model: thumbnail-only reads fewer
-    tokens = [int(r.split("|")[-3]) for r in rows]
+    tokens = [int(r.split("|")[-4]) for r in rows]
     assert tokens[0] < tokens[1]
+    # and the ViT FLOPs column: the thumbnail alone costs a fifth of thumbnail + 4 slices
+    flops = [float(r.split("|")[-3]) for r in rows]
+    assert flops[0] * 5 == pytest.approx(flops[1], rel=0.1)
+    assert figures["variants"]["thumbnail"]["vit_gflops"] == pytest.approx(flops[0], rel=1e-2)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,18 +4,14 @@ import pytest
 
 from minihires.cli.ask import cli_ask
 from minihires.cli.entitygrid import cli_entitygrid
-from minihires.cli.train import cli_train
 from minihires.data import entitygrid
 from minihires.training import checkpoint as ckpt
 from minihires.training import evaluate as scoring
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ask") / "run"
-    assert cli_train(["--steps", "40", "--batch-size", "8", "--lr", "3e-3", "--eval-n", "0",
-                      "--out", str(out), "--quiet"]) == 0
-    return out
+def run(trained_run):
+    return trained_run                      # the session's shared run (conftest)
 
 
 @pytest.fixture(scope="module")

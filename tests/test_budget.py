@@ -80,7 +80,9 @@ def cfg_for(**kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"compression": "none"}, {"use_slices": False},
-                                {"mode": "llava15"}], ids=["sms", "none", "thumb", "llava15"])
+                                {"mode": "llava15"}, {"use_sra": False, "overlap": 0.5},
+                                {"use_sra": False, "whole_canvas": True}],
+                         ids=["sms", "none", "thumb", "llava15", "overlap", "whole-canvas"])
 def test_hires_tokens_match_the_spliced_count(kw):
     cfg = cfg_for(**kw)
     torch.manual_seed(0)
@@ -117,6 +119,24 @@ def test_vision_flops_match_the_flop_counter(grid):
     model = HiResLLaVA(base).eval()
     want = budget.vit_flops(cfg.vit, 1) + budget.connector_flops(base, 1, g * g)
     assert counted(lambda: model.encode_images(x[:1], [grid])) == want
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (2, 3)])
+def test_whole_canvas_vision_flops_match_the_flop_counter(grid):
+    """The control's price: one ViT pass over the r*S x c*S canvas (attention over all its
+    tokens at once) instead of r*c passes over S x S slices."""
+    cfg = cfg_for(use_sra=False, whole_canvas=True)
+    torch.manual_seed(0)
+    model = HiResLLaVA(cfg).eval()
+    model.sampler.use_kernel = False
+    crops = 1 + grid[0] * grid[1]
+    x = torch.randn(crops, 3, 32, 32)
+    g = cfg.vit.grid
+    want = (budget.vit_flops(cfg.vit, 1) + budget.vit_flops(cfg.vit, 1, grid)
+            + budget.connector_flops(cfg, crops, crops * (g // 2) ** 2))
+    assert counted(lambda: model.encode_images(x, [grid])) == want
+    if grid != (1, 1):
+        assert budget.vit_flops(cfg.vit, 1, grid) > budget.vit_flops(cfg.vit, grid[0] * grid[1])
 
 
 @pytest.mark.parametrize("kv_heads, tied", [(4, True), (2, False)])

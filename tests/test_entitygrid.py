@@ -28,7 +28,6 @@ from minihires.data.entities import (
 )
 from minihires.data.entitygrid import (
     NUMBER_WORDS,
-    TASKS,
     TEST_SEED_BASE,
     EntityGridConfig,
     answer_vocabulary,
@@ -136,7 +135,7 @@ def test_stream_rejects_bad_arguments(kwargs, match):
 
 def test_test_split_is_balanced():
     split = eg.test_split(54)
-    assert Counter(s.task for s in split) == {t: 18 for t in TASKS}
+    assert Counter(s.task for s in split) == {t: 18 for t in EntityGridConfig().tasks}
     anchor = Counter((s.task, s.positions[0] if s.task != "counting" else None) for s in split)
     for t in ("recognition", "position"):
         assert all(anchor[(t, p)] == 2 for p in POSITIONS)
@@ -153,7 +152,7 @@ def test_every_position_class_colour_task_and_count_is_reachable():
     ents = [e for s in samples for e in s.entities]
     assert {e.position for e in ents} == set(POSITIONS)
     assert {(e.cls, e.colour) for e in ents} == {(c, k) for c in CLASSES for k in COLOURS}
-    assert {s.task for s in samples} == set(TASKS)
+    assert {s.task for s in samples} == set(EntityGridConfig().tasks)
     assert {s.answer for s in samples if s.task == "counting"} == set(NUMBER_WORDS[1:4])
     assert {len(s.entities) for s in samples} == {1, 2, 3}
     assert {s.on_seam for s in samples} == {True, False}
@@ -375,7 +374,14 @@ def test_score_arithmetic():
     # the same numbers from the hand-marked `correct` column
     assert [normalize(p) == normalize(a) for _, _, a, p, _ in rows] == [c for *_, c in rows]
     assert r["counts"] == {"total": 8, "recognition": 2, "position": 3, "counting": 3,
-                           "on_seam": 5, "off_seam": 3}
+                           "continuity": 0, "on_seam": 5, "off_seam": 3,
+                           "recognition/on_seam": 1, "recognition/off_seam": 1,
+                           "position/on_seam": 2, "position/off_seam": 1,
+                           "counting/on_seam": 2, "counting/off_seam": 1,
+                           "continuity/on_seam": 0, "continuity/off_seam": 0}
+    # per task and side: position on-seam rows 3 and 8, one right; off-seam row 4, right
+    assert r["seam"]["position"] == {"on_seam": 50.0, "off_seam": 100.0, "discrepancy": 50.0}
+    assert r["seam"]["continuity"] == {"on_seam": None, "off_seam": None, "discrepancy": None}
     assert r["correct"]["total"] == 5
 
 

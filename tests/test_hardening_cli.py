@@ -22,12 +22,11 @@ MANIFEST = "checkpoint.json"      # a run folder's checkpoint manifest (checkpoi
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A trained run folder, an exported image, and a scratch folder for damaged copies."""
+def world(tmp_path_factory, trained_run):
+    """A trained run folder (the session's shared one: damage copies of it, never it), an
+    exported image, and a scratch folder for damaged copies."""
     base = tmp_path_factory.mktemp("cli")
-    run = base / "run"
-    assert main(["train", "--steps", "2", "--batch-size", "2", "--turns", "2", "--eval-n", "0",
-                 "--quiet", "--threads", "1", "--out", str(run)]) == 0
+    run = trained_run
     assert main(["entitygrid", "--n", "2", "--out", str(base / "eg")]) == 0
     (base / "file").write_text("not a folder")
     return {"run": run, "image": base / "eg" / "images" / "000000.png", "base": base}

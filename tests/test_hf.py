@@ -201,7 +201,7 @@ def test_unsupported_llama_feature(llama_dir, tmp_path, key, value):
 
 
 @pytest.mark.parametrize("key, value, field", [
-    # the older "type" key: transformers reads it as rope_type (our logits were 8-14% off)
+    # the older "type" key: transformers reads it as rope_type (ignored, logits would differ)
     ("rope_parameters", {"type": "linear", "factor": 2.0, "rope_theta": 1e4},
      "rope_parameters.type"),
     ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),

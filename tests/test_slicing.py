@@ -240,18 +240,23 @@ def test_crops_tile_resized_image(grid):
 
 
 def test_crops_overlap():
-    S, o, img = 32, 0.25, noise_image(90, 70)
+    """Overlap keeps the c*S x r*S canvas (native resolution) and lays more windows on it."""
+    S, o, img = 32, 0.5, noise_image(90, 70)
     (W, H), boxes = slicing.slice_boxes((2, 3), S, o)
-    assert (W, H) == (32 + 2 * 24, 32 + 24)
+    assert (W, H) == (3 * S, 2 * S) and slicing.slice_grid((2, 3), o) == (3, 5)
     x = slicing.crops(img, (2, 3), S, overlap=o)
-    assert x.shape == (7, 3, S, S)
-    s = x[1:].view(2, 3, 3, S, S)                            # (r, c, 3, S, S)
-    assert torch.equal(s[0, 0, :, :, 24:], s[0, 1, :, :, :8])    # right 8 cols = neighbour's left 8
-    assert torch.equal(s[0, 2, :, 24:, :], s[1, 2, :, :8, :])    # bottom 8 rows = lower neighbour's top
+    assert x.shape == (1 + 15, 3, S, S)
+    s = x[1:].view(3, 5, 3, S, S)                            # (r', c', 3, S, S)
+    assert torch.equal(s[0, 0, :, :, 16:], s[0, 1, :, :, :16])   # right half = neighbour's left half
+    assert torch.equal(s[0, 4, :, 16:, :], s[1, 4, :, :16, :])   # bottom half = lower neighbour's top
     assert not torch.equal(s[0, 0], s[0, 1])
     canvas = slicing.normalize(slicing.resize_for_grid(img, (2, 3), S, o))
+    assert torch.equal(canvas, slicing.normalize(slicing.resize_for_grid(img, (2, 3), S)))
     for k, (left, top, right, bottom) in enumerate(boxes):
         assert torch.equal(x[1 + k], canvas[:, top:bottom, left:right])
+    # the plain tiling's slices are among the windows: every other one
+    plain = slicing.crops(img, (2, 3), S)
+    assert torch.equal(s[0, 0], plain[1]) and torch.equal(s[2, 4], plain[6])
     with pytest.raises(ValueError, match="overlap"):
         slicing.crops(img, (1, 2), S, overlap=1.0)
 

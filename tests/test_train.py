@@ -3,10 +3,12 @@ eval reproduces train's numbers, step-indexed data, the lr schedule, bad input."
 import dataclasses
 import json
 import math
+import random
 import re
 
 import pytest
 import torch
+from conftest import TRAINED_RUN_ARGS
 from safetensors.torch import load_file
 
 from minihires.cli.eval import cli_eval
@@ -31,26 +33,27 @@ METRIC_KEYS = {"accuracy", "recognition", "position", "counting", "on_seam", "of
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A smoke run of 12 steps through the command line."""
-    out = tmp_path_factory.mktemp("run") / "smoke"
-    assert cli_train(["--steps", "12", "--ckpt-every", "5", "--out", str(out), *SMALL]) == 0
-    return out
+def run(trained_run):
+    """The session's shared smoke run through the command line (conftest.TRAINED_RUN_ARGS)."""
+    return trained_run
 
 
 def test_run_folder_contents(run):
+    flag = lambda name: int(TRAINED_RUN_ARGS[TRAINED_RUN_ARGS.index(name) + 1])  # noqa: E731
+    steps, every = flag("--steps"), flag("--ckpt-every")
+    assert steps % every                      # the last step is no multiple of --ckpt-every ...
     names = {p.name for p in run.iterdir()}
     assert names == {ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.STATE, ckpt.MANIFEST,
                      ckpt.METRICS}
     cfg = json.loads((run / ckpt.CONFIG).read_text())
     assert set(cfg) == {"model", "train", "data"}
-    assert cfg["train"]["steps"] == 12 and cfg["train"]["batch_size"] == 4
+    assert cfg["train"]["steps"] == steps and cfg["train"]["batch_size"] == flag("--batch-size")
     assert cfg["data"]["slice_size"] == cfg["model"]["vit"]["image_size"]
     metrics = json.loads((run / ckpt.METRICS).read_text())
     assert METRIC_KEYS <= set(metrics)
-    assert metrics["steps"] == 12 and metrics["counts"]["total"] == 9
+    assert metrics["steps"] == steps and metrics["counts"]["total"] == flag("--eval-n")
     assert metrics["discrepancy"] == pytest.approx(metrics["off_seam"] - metrics["on_seam"])
-    assert torch.load(run / ckpt.STATE, weights_only=True)["step"] == 12
+    assert torch.load(run / ckpt.STATE, weights_only=True)["step"] == steps  # ... yet saved
 
 
 def test_weights_match_state_and_metrics(run):
@@ -109,13 +112,13 @@ def test_by_entities_counts_per_task_and_entity_number():
         scoring.by_entities(answers[:-1], samples)
 
 
-def test_resume_equals_uninterrupted(tmp_path, capsys):
+def test_resume_equals_uninterrupted(tmp_path, caplog):
     """6 steps straight vs 3 steps, stop, resume 3: bitwise-equal weights and optimizer."""
     args = ["--steps", "6", "--ckpt-every", "2", "--eval-n", "3", "--batch-size", "4", "--quiet"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli_train([*args, "--out", str(straight)]) == 0
     assert cli_train([*args, "--out", str(split), "--stop-at", "3"]) == 0
-    assert "--resume" in capsys.readouterr().out
+    assert f"--resume {split}" in caplog.text          # the log tells how to continue
     assert torch.load(split / ckpt.STATE, weights_only=True)["step"] == 3
     assert not (split / ckpt.METRICS).exists()
     assert cli_train(["--resume", str(split), "--quiet"]) == 0
@@ -226,28 +229,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_train_samples_are_step_indexed_and_disjoint():
     cfg = entitygrid.EntityGridConfig()
-    seen = set()
+    seen, drawn = set(), {}
     for step in range(3):
         for rank in range(2):
             seeds = [s.seed for s in data.train_samples(7, step, 4, cfg, rank, 2)]
             assert len(seeds) == 4 and not seen & set(seeds)
             seen |= set(seeds)
-    again = data.train_samples(7, 1, 4, cfg, 1, 2)
-    assert [s.seed for s in again] == [s.seed for s in data.train_samples(7, 1, 4, cfg, 1, 2)]
+            drawn[step, rank] = seeds
+    # a step's samples depend on (run seed, step, rank) alone: not on the steps drawn before
+    # (a resume starts mid-stream) nor on the global random state
+    random.seed(123)
+    torch.manual_seed(123)
+    assert [s.seed for s in data.train_samples(7, 1, 4, cfg, 1, 2)] == drawn[1, 1]
+    assert not seen & {s.seed for s in data.train_samples(8, 1, 4, cfg, 1, 2)}   # another run's
     assert not any(entitygrid.is_test_seed(s) for s in seen)
 
 
 def test_conversations_start_with_the_sample_question():
     cfg = entitygrid.EntityGridConfig()
     samples = data.train_samples(0, 0, 40, cfg)
+    random.seed(123)                          # the global random state plays no part
     for s in samples:
         every = [(q, a) for q, a, _ in entitygrid.questions_about(s.entities, cfg)]
+        again = entitygrid.sample(s.seed, cfg)                            # drawn anew from its seed
         for turns in (1, 2, 3, 20):
             conv = data.conversation(s, turns, cfg)
             assert conv[0] == (s.question, s.answer)
             assert len(conv) == min(turns, len(every)) and len(set(conv)) == len(conv)
             assert set(conv) <= set(every)
-            assert data.conversation(s, turns, cfg) == conv               # fixed by the seed
+            assert data.conversation(again, turns, cfg) == conv           # fixed by the seed
             assert data.conversation(s, turns + 1, cfg)[:turns] == conv   # more turns extend it
     # the extra turns are not always in the same order
     assert len({tuple(q for q, _ in data.conversation(s, 20, cfg)) for s in samples}) > 10
@@ -395,6 +405,7 @@ def test_crop_embedding_switch():
     (["--vision-lr-scale", "-1"], "vision_lr_scale must be a number >= 0"),
     (["--seed", "-3"], "seed must be an int in 0.."),
     (["--overlap", "1.5"], "overlap must be in [0, 1)"),
+    (["--overlap", "0.25"], "--overlap: overlap 0.25 needs use_sra=False"),  # SRA is on by default
     (["--compression", "max"], "invalid choice"),
     (["--preset", "huge"], "invalid choice"),
     (["--eval-n", "-1"], "eval_n must be an int >= 0"),
@@ -465,7 +476,7 @@ def test_eval_renders_the_split_one_batch_at_a_time(run, monkeypatch):
         return real_predict(model, tok, samples, *a, **kw)
 
     monkeypatch.setattr(entitygrid, "sample", counting_sample)
-    monkeypatch.setattr(data, "predict", checking_predict)
+    monkeypatch.setattr(scoring, "predict", checking_predict)
     assert cli_eval([str(run), "--n", "10", "--batch-size", "4", "--by-entities"]) == 0
     assert rendered["n"] == answered["n"] == 10
 

@@ -1,6 +1,6 @@
 """window_attn_pool kernels (C++ CPU, CUDA v1/v2) against the float64 reference.
 
-Accuracy rule (DESIGN.md section 3): float32 within 1e-5 relative error (max abs error over
+Accuracy rule (docs/design.md, "Kernel contracts"): float32 within 1e-5 relative error (max abs error over
 max abs value) of a float64 reference; bfloat16/float16 at most twice the reference's own
 error in that precision (the reference run in that dtype vs float64). Gradients get an
 absolute floor besides, from the size of the terms they sum (see `grad_floors`). The CUDA

@@ -68,18 +68,21 @@ def llava_next_tokens(width: int, height: int, vit: ViTConfig) -> tuple[int, tup
 
 def hires_tokens(width: int, height: int, cfg: ModelConfig) -> tuple[int, tuple[int, int]]:
     """(visual tokens, grid) for HiRes-LLaVA as configured (`slicing.plan`, `num_image_tokens`)."""
-    grid = slicing.plan(width, height, cfg.vit.image_size, cfg.max_slices)
+    grid = slicing.layout_grid(width, height, cfg)
     return slicing.num_image_tokens(grid, cfg), grid
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def vit_flops(vit: ViTConfig, crops: int) -> int:
-    """Patch embedding + the blocks up to `feature_layer`, on `crops` crops."""
+def vit_flops(vit: ViTConfig, crops: int, grid: tuple[int, int] = (1, 1)) -> int:
+    """Patch embedding + the blocks up to `feature_layer`, on `crops` inputs of r*S x c*S
+    pixels each (grid (r, c); (1, 1): ordinary S x S crops). Attention grows with the
+    square of the tokens, so one pass over a 2 x 2 canvas costs more than four slices."""
     D, I, P, g = vit.hidden_size, vit.intermediate_size, vit.patch_size, vit.grid
-    T = 1 + g * g                                            # tokens per crop, CLS included
+    n = grid[0] * grid[1] * g * g                            # patches per input
+    T = 1 + n                                                # tokens per input, CLS included
     blocks = vit.feature_layer % (vit.num_hidden_layers + 1)
-    patch = 2 * g * g * D * 3 * P * P
+    patch = 2 * n * D * 3 * P * P
     block = 8 * T * D * D + 4 * T * T * D + 4 * T * D * I    # q,k,v,o + QK^T, AV + MLP
     return crops * (patch + blocks * block)
 
@@ -157,8 +160,9 @@ def budget(width: int, height: int, cfg: ModelConfig, prompt: int = PROMPT_TOKEN
     n_hi, grid = hires_tokens(width, height, cfg)
     crops = 1 + grid[0] * grid[1] if uses_slices(cfg) else 1
     h = slicing.tokens_per_side(cfg)
-    rows.append(row("HiRes-LLaVA", f"{grid[0]}x{grid[1]}", crops, n_hi,
-                    vit_flops(cfg.vit, crops) + sra_flops(cfg, grid),
+    vit = (vit_flops(cfg.vit, 1) + vit_flops(cfg.vit, 1, grid) if cfg.whole_canvas
+           else vit_flops(cfg.vit, crops) + sra_flops(cfg, grid))  # thumbnail + one canvas pass
+    rows.append(row("HiRes-LLaVA", f"{grid[0]}x{grid[1]}", crops, n_hi, vit,
                     connector_flops(cfg, crops, crops * h * h)))
     return rows
 

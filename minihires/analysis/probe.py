@@ -5,13 +5,13 @@ by an attention head that, at the position predicting the first answer token, pr
 visual tokens of the entity asked about over those of the other one. `entity_attention`
 measures that on the samples it is given (`eval --attention`: the fixed test split): for
 every layer and head, the mean attention mass on tokens that cover only the target entity, and
-on tokens that cover only the other entity (README, "What is left"). Equal masses mean no head
-tells the two apart at that position; a model can still route the choice through other
-positions and layers, which this probe does not see.
+on tokens that cover only the other entity (docs/results.md quotes it per run). Equal
+masses mean no head tells the two apart at that position; a model can still route the
+choice through other positions and layers, which this probe does not see.
 
 The attention weights are recomputed from each layer's own q/k projections in a forward
 pre-hook (the model itself runs fused scaled_dot_product_attention and keeps no weights),
-so nothing in `minihires.llama` changes for the probe.
+so nothing in `minihires.model.llama` changes for the probe.
 """
 from __future__ import annotations
 

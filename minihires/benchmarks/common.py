@@ -49,7 +49,7 @@ def gbps(nbytes: int, secs: float) -> float:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table (readable in a terminal and pasteable into README)."""
+    """A Markdown table (readable in a terminal and pasteable into docs/results.md)."""
     def cell(x):
         if isinstance(x, float):
             return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
@@ -59,6 +59,32 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join(out + [line(r) for r in body])
+
+
+def parse_tables(text: str) -> list[tuple[str, list[dict]]]:
+    """The tables of a saved benchmark report (what `python -m minihires bench --out` writes)
+    -> [(title, rows)], each row a dict keyed by the table's headers, numbers as floats.
+    A table's title is the first non-blank line after the previous table."""
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    def value(c: str):
+        try:
+            return float(c)
+        except ValueError:
+            return c
+
+    tables, title, expect_title, block = [], "", True, []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(cells(line))
+            continue
+        if block:                                     # a table just ended; block[1] is |---|
+            tables.append((title, [dict(zip(block[0], map(value, r))) for r in block[2:]]))
+            block, expect_title = [], True
+        if line.strip() and expect_title:
+            title, expect_title = line.strip(), False
+    return tables
 
 
 def device_name(device: torch.device | str) -> str:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
-from minihires.training.ablate import VARIANTS, markdown_table
+from minihires.training.ablate import VARIANTS, markdown_table, summary
 from minihires.training.evaluate import results_table
 
 
@@ -27,6 +28,11 @@ def cli_ablate(argv: list[str]) -> int:
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants (default all, in table order)")
+    p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
+                   metavar="T1,T2,...", help="EntityGrid-QA tasks (default: train's); add "
+                   "continuity for the seam benchmark")
+    p.add_argument("--thumbnail-filter", choices=("bicubic", "box"), default=None,
+                   help="thumbnail resampling for every variant (default: bicubic)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per run (default: torch's, one per core)")
@@ -41,10 +47,15 @@ def cli_ablate(argv: list[str]) -> int:
         p.error(f"--seeds has duplicates: {args.seeds}")
     base = T.TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          turns=args.turns, lr=args.lr, eval_n=args.eval_n, device=args.device,
-                         threads=args.threads)
-    with user_input():
-        for s in args.seeds:
-            dataclasses.replace(base, seed=s).validate()
+                         threads=args.threads, tasks=args.tasks,
+                         thumbnail_filter=args.thumbnail_filter)
+    with user_input():                     # every run's config, before any training
+        for key in args.variants:
+            for s in args.seeds:
+                try:
+                    dataclasses.replace(base, seed=s, **VARIANTS[key][1]).validate()
+                except ValueError as e:
+                    raise ValueError(f"variant {key}: {e}") from None
     if args.out is not None:                       # checked now, not after hours of training
         out = Path(args.out)
         parent = next((q for q in out.parents if q.exists()), Path("."))
@@ -74,6 +85,8 @@ def cli_ablate(argv: list[str]) -> int:
     table = markdown_table(results, base, args.seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
+    figures = out.with_suffix(".json")
+    figures.write_text(json.dumps(summary(results, args.seeds, base), indent=2) + "\n")
     print("\n" + table)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} and {figures}")
     return 0

@@ -6,7 +6,7 @@
 `--hf-llava DIR` is a local folder in the transformers LlavaForConditionalGeneration layout
 (config.json, model.safetensors or shards, and the LLaMA tokenizer.model), e.g.
 llava-hf/llava-1.5-7b-hf downloaded beforehand; it runs as HiResLLaVA in "llava15" mode
-(see `minihires.hf`). Nothing is downloaded.
+(see `minihires.model.hf`). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
     if args.hf_llava:
         from minihires.model import hf
         return hf.load_llava(args.hf_llava, hf.parse_dtype(args.dtype), args.device)
-    # a trained run folder (owned by the training side: minihires.checkpoint)
+    # a trained run folder (owned by the training side: minihires.training.checkpoint)
     from minihires.training.checkpoint import load_run
     model, tokenizer, _ = load_run(args.run_dir, args.device)
     return model, tokenizer

@@ -37,6 +37,9 @@ def cli_entitygrid(argv: list[str]) -> int:
     p.add_argument("--slice-size", type=int, default=EntityGridConfig.slice_size)
     p.add_argument("--rows", type=int, default=EntityGridConfig.rows)
     p.add_argument("--cols", type=int, default=EntityGridConfig.cols)
+    p.add_argument("--tasks", default=",".join(EntityGridConfig.tasks),
+                   help=f"comma-separated tasks from {','.join(TASKS)} "
+                        f"(default {','.join(EntityGridConfig.tasks)})")
     p.add_argument("--force", action="store_true",
                    help="replace an existing export (its files only) in --out")
     args = p.parse_args(argv)
@@ -50,9 +53,11 @@ def cli_entitygrid(argv: list[str]) -> int:
                 f"[{TEST_SEED_BASE}, {TEST_SEED_BASE + TEST_SEED_SPAN}), got {seed}")
     with user_input():
         try:
-            cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols)
-        except TypeError as e:
-            raise ValueError(str(e)) from None
+            cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols,
+                                   tasks=tuple(t.strip() for t in args.tasks.split(",")))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--{'tasks' if 'tasks' in str(e) else 'slice-size/--rows/--cols'}"
+                             f": {e}") from None
     if cfg.width * cfg.height > MAX_CANVAS_PIXELS:
         p.error(f"--slice-size {args.slice_size} with {args.rows}x{args.cols} slices makes a "
                 f"{cfg.width}x{cfg.height} canvas, more than {MAX_CANVAS_PIXELS} pixels")
@@ -73,13 +78,13 @@ def cli_entitygrid(argv: list[str]) -> int:
         if i % step == 0 or i == args.n:
             print(f"  {i}/{args.n}", flush=True)
 
-    tasks, on_seam, total = dict.fromkeys(TASKS, 0), 0, 0
+    tasks, on_seam, total = dict.fromkeys(cfg.tasks, 0), 0, 0
     with user_input(f"--out {out}: "):                # e.g. the disk or the folder is full
         for r in _export(samples, out, cfg, progress):
             tasks[r["task"]] += 1
             on_seam += r["on_seam"]
             total += 1
-    print("per task: " + ", ".join(f"{t} {tasks[t]}" for t in TASKS))
+    print("per task: " + ", ".join(f"{t} {tasks[t]}" for t in cfg.tasks))
     print(f"on seam: {on_seam}/{total} ({100.0 * on_seam / total:.1f}%)")
     print(f"wrote {out / EXPORT_QUESTIONS} and {total} images in {out / 'images'}")
     return 0

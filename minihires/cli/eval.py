@@ -1,10 +1,10 @@
 """`python -m minihires eval RUN_DIR`: re-score a run folder on the EntityGrid-QA test split.
 
 Prints the same table as `train` (`scoring.results_table`), and on request two diagnostics of
-what the model has not learned (README, "What is left"):
+what the model has not learned (docs/results.md quotes both):
     --by-entities  accuracy per task and number of entities in the image (`scoring.by_entities`)
     --attention    per LLM layer and head, attention from the answer position to the asked
-                   entity and to the other one in two-entity images (`minihires.probe`)
+                   entity and to the other one in two-entity images (`minihires.analysis.probe`)
 
 The split is rendered and answered --batch-size samples at a time, so any --n up to the
 split's size runs in bounded memory.

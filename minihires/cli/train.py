@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
-from minihires.model.config import PRESETS
+from minihires.data.entitygrid import TASKS, EntityGridConfig
+from minihires.model.config import COMPRESSIONS, PRESETS, THUMBNAIL_FILTERS
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training.evaluate import results_table
@@ -18,6 +19,7 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "freeze_vision_at",
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
+                 "whole_canvas", "thumbnail_filter", "tasks",
                  "warmup_steps", "ckpt_every")
 
 
@@ -63,10 +65,19 @@ def cli_train(argv: list[str]) -> int:
                    help="ablation: no SliceRestore adapter")
     p.add_argument("--no-crop-embedding", dest="crop_embedding", action="store_const",
                    const=False, help="ablation: no learned crop embedding on the visual tokens")
-    p.add_argument("--compression", choices=("sms", "avg", "none"), default=None,
+    p.add_argument("--compression", choices=COMPRESSIONS, default=None,
                    help="token compression per crop (default: the preset's, sms)")
     p.add_argument("--overlap", type=float, default=None,
-                   help="fraction of a slice shared with its neighbour (default 0)")
+                   help="fraction of a slice shared with its neighbour (default 0); "
+                        "needs --no-sra")
+    p.add_argument("--whole-canvas", dest="whole_canvas", action="store_const", const=True,
+                   help="control: one ViT pass over each image's whole canvas of slices "
+                        "(nothing is cut); needs --no-sra")
+    p.add_argument("--thumbnail-filter", choices=THUMBNAIL_FILTERS, default=None,
+                   help="how the image shrinks to the thumbnail (default: bicubic)")
+    p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
+                   metavar="T1,T2,...", help=f"EntityGrid-QA tasks from {','.join(TASKS)} "
+                   f"(default: {','.join(EntityGridConfig().tasks)})")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run with its saved configuration")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -119,7 +130,11 @@ def cli_train(argv: list[str]) -> int:
               + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
               + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "
               f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
-              f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}")
+              f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}"
+              + (" whole_canvas=True" if model_cfg.whole_canvas else "")
+              + (f" thumbnail={model_cfg.thumbnail_filter}"
+                 if model_cfg.thumbnail_filter != "bicubic" else "")
+              + (f"\n  tasks: {', '.join(tc.tasks)}" if tc.tasks else ""))
     try:
         metrics = train(tc, out, resume=args.resume is not None, stop_at=args.stop_at,
                         progress=not args.quiet)

@@ -15,9 +15,9 @@ exactly as a test question does; `chat=True` makes them one LLaVA-Instruct conve
 instead, where a later turn can copy what an earlier answer said (after "What is at the top?
 red stripes", "Where are the red stripes?" needs no image). Both ours; `docs/results.md` measures them.
 
-Images are rendered once per batch and turned into crops once (`model.image_inputs`); at
-64 x 64 pixels that costs ~0.5 ms a sample, a few percent of a training step, so there is
-no background loader (ours: simpler and deterministic).
+Images are rendered once per batch and turned into crops once (`model.image_inputs`), in the
+training process: at 64 x 64 pixels that is cheap beside a step, so there is no background
+loader (ours: simpler and deterministic).
 """
 from __future__ import annotations
 
@@ -94,5 +94,5 @@ def max_answer_tokens(tokenizer, cfg: entitygrid.EntityGridConfig) -> int:
 
 def visual_tokens(model_cfg: ModelConfig, cfg: entitygrid.EntityGridConfig) -> int:
     """Image tokens the LLM reads for one EntityGrid-QA canvas."""
-    grid = slicing.plan(cfg.width, cfg.height, model_cfg.vit.image_size, model_cfg.max_slices)
+    grid = slicing.layout_grid(cfg.width, cfg.height, model_cfg)
     return slicing.num_image_tokens(grid, model_cfg)

@@ -21,8 +21,17 @@ above are canvas pixels, not offsets inside the entity. Every period divides 4, 
 start at multiples of S (a multiple of 4), so any 4x4 ViT patch inside an entity shows one
 whole period at the same phase, wherever the entity is jittered and whichever slice it
 falls in. Each class is then a fixed 4x4 stencil that a single patch embedding can tell
-apart. (Our first version anchored patterns at the entity corner and had period-8 classes,
-so one class could look several ways in a patch, or show only half its period there.)
+apart.
+
+One more kind, for the continuity task: a *board*, whose answer no fragment shows. A board
+is a 1-pixel checkerboard in a 2-pixel frame, split by a line through its centre into two
+halves; each half is a checkerboard of phase 0 or 1, and the board is *broken* when the two
+phases differ (a one-pixel shift along the line). Either half alone is a perfect
+checkerboard of a random phase, so telling "broken" from "whole" takes pixels from both
+sides of the line. Boards are drawn unjittered with their corners on even pixels, so that the
+thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) turns every board
+into the same flat blend, broken or not; and a board that straddles a seam is split along
+that seam, so that each slice holds one half and no single slice can answer (`split_axis`).
 
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.
@@ -89,6 +98,34 @@ def draw_entity(draw: ImageDraw.ImageDraw, cls: str, colour: str,
     draw.point(lit, fill=rgb)
 
 
+BOARD = "board"            # the continuity task's entity kind (not a pattern class)
+
+
+def draw_board(draw: ImageDraw.ImageDraw, colour: str, bbox: tuple[int, int, int, int],
+               split: tuple[str, int, int]) -> None:
+    """A board: 2-px frame, checkerboard inside, phase `split[1]` before the split line and
+    `split[2]` after it. split[0]: "v" (a vertical line at the centre column, halves left and
+    right) or "h" (a horizontal line at the centre row, halves above and below)."""
+    if colour not in COLOURS:
+        raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {colour!r}")
+    axis, first, second = split
+    if axis not in ("v", "h") or first not in (0, 1) or second not in (0, 1):
+        raise ValueError(f"split must be ('v' or 'h', phase 0/1, phase 0/1), got {split!r}")
+    x0, y0, x1, y1 = bbox
+    if x1 - x0 < 6 or y1 - y0 < 6:
+        raise ValueError(f"a board needs at least 6x6 pixels (frame + interior), got {bbox}")
+    rgb = COLOURS[colour]
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=2)   # inclusive corners
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    lit = []
+    for y in range(y0 + 2, y1 - 2):
+        for x in range(x0 + 2, x1 - 2):
+            phase = second if (x >= cx if axis == "v" else y >= cy) else first
+            if (x + y + phase) % 2 == 0:
+                lit.append((x, y))
+    draw.point(lit, fill=rgb)
+
+
 def centre(position: str, width: int, height: int) -> tuple[int, int]:
     """Integer pixel centre of a named position on a width x height canvas."""
     if position not in POSITIONS:
@@ -115,6 +152,12 @@ class Entity:
     position: str
     bbox: tuple[int, int, int, int]   # pixels (x0, y0, x1, y1), x1 and y1 exclusive
     on_seam: bool                     # crosses_seam(bbox, ...): geometry, not the name
+    split: tuple[str, int, int] | None = None   # boards only: (axis, phase 1st, 2nd half)
+
+    @property
+    def broken(self) -> bool:
+        """A board whose two halves' checkerboards are out of phase."""
+        return self.split is not None and self.split[1] != self.split[2]
 
     @property
     def name(self) -> str:
@@ -133,10 +176,36 @@ def place(cls: str, colour: str, position: str, cfg, dx: int = 0, dy: int = 0) -
                   crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols))
 
 
+def split_axis(bbox: tuple[int, int, int, int], slice_size: int, rows: int, cols: int,
+               rng) -> str:
+    """Where a board's split line runs: along the seam that cuts the board (so each slice holds
+    one half), either way when both seams cut it or none does (drawn from `rng`)."""
+    x0, y0, x1, y1 = bbox
+    v = any(x0 < m * slice_size < x1 for m in range(1, cols))
+    h = any(y0 < m * slice_size < y1 for m in range(1, rows))
+    return "v" if v and not h else "h" if h and not v else rng.choice("vh")
+
+
+def place_board(colour: str, position: str, cfg, broken: bool, rng) -> Entity:
+    """A board of cfg.entity_px pixels at `position`: no jitter, corners on even pixels,
+    split along a seam that cuts it, halves' phases drawn from `rng` (different if broken)."""
+    cx, cy = centre(position, cfg.width, cfg.height)
+    x0, y0 = (cx - cfg.entity_px // 2) & ~1, (cy - cfg.entity_px // 2) & ~1
+    bbox = (x0, y0, x0 + cfg.entity_px, y0 + cfg.entity_px)
+    axis = split_axis(bbox, cfg.slice_size, cfg.rows, cfg.cols, rng)
+    first = rng.randint(0, 1)
+    return Entity(BOARD, colour, position, bbox,
+                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols),
+                  (axis, first, 1 - first if broken else first))
+
+
 def render(entities: Iterable[Entity], cfg) -> Image.Image:
     """Draw entities on a fresh cfg.width x cfg.height canvas of cfg.background."""
     image = Image.new("RGB", (cfg.width, cfg.height), tuple(cfg.background))
     draw = ImageDraw.Draw(image)
     for e in entities:
-        draw_entity(draw, e.cls, e.colour, e.bbox)
+        if e.cls == BOARD:
+            draw_board(draw, e.colour, e.bbox, e.split)
+        else:
+            draw_entity(draw, e.cls, e.colour, e.bbox)
     return image

@@ -1,25 +1,35 @@
-"""EntityGrid-QA: a synthetic benchmark for fragmentation (our reconstruction, DESIGN.md s.4).
+"""EntityGrid-QA: a synthetic benchmark for fragmentation (our design; docs/design.md).
 
 A canvas of rows x cols slices of S pixels holds one to three entities at nine positions
 (centres at 1/6, 1/2, 5/6 of width and height). On the default 2x2 slicing the five
 positions with a 1/2 coordinate lie on a seam, so their entities are cut between slices.
 Classes differ only in 1-pixel detail that the thumbnail loses (see `minihires.entities`).
 
-Three tasks, one question per image:
+Four tasks, one question per image:
     recognition  "What is at the top left?"         -> "red stripes"
     position     "Where are the red stripes?"       -> "top left"
     counting     "How many entities have stripes?"  -> "two"
+    continuity   "Is the board at the top broken?"  -> "yes" / "no"
+
+The first three are answered by any fragment of an entity (each slice of a cut entity shows
+its whole pattern); continuity is not: a board (`entities.draw_board`) is broken when its two
+halves' checkerboards are out of phase, a seam-cut board is split along the seam, and the
+thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
+costs, and what SliceRestore has to restore.
 
 Choices that are ours, not the paper's: the pattern classes and colours, the question
 templates, one to `max_entities` entities for recognition/position and one to
 `max_count` for counting (counted entities plus distractors of other classes), a position
 question's distractor sharing the target's colour half the time (so the answer hinges on
-class detail), and `on_seam` from the drawn pixel box (for counting: any counted entity).
+class detail), `on_seam` from the drawn pixel box (for counting: any counted entity), and the boards of
+the continuity task (1 to `max_entities` per image, each broken with probability 1/2).
 
 Determinism: everything is drawn from `random.Random(seed)`, so a seed gives the same
 pixels and question on any machine. Test seeds live in a reserved range that the training
-stream skips; a test seed also fixes its task and position (i % 3, i // 3 % 9), so any
-27 consecutive test samples are balanced over tasks x positions.
+stream skips; a test seed also fixes its task and position (i % k, i // k % 9 for the k
+tasks of `cfg.tasks`), so any 9k consecutive test samples are balanced over tasks x
+positions. The default tasks are the first three; continuity is opted into with
+`EntityGridConfig(tasks=TASKS)` (or `entitygrid --tasks`) while its benchmark is built.
 """
 from __future__ import annotations
 
@@ -32,14 +42,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from minihires.data.entities import CLASSES, COLOURS, POSITIONS, Entity, place, render
+from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity, place,
+                                     place_board, render)
 
-TASKS = ("recognition", "position", "counting")
+TASKS = ("recognition", "position", "counting", "continuity")
+DEFAULT_TASKS = TASKS[:3]    # continuity is opt-in while its seam benchmark is being built
 POSITION_NAMES = tuple(POSITIONS)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RECOGNITION_Q = "What is at the {position}?"          # -> "{colour} {cls}"
 POSITION_Q = "Where are the {colour} {cls}?"         # -> position name
 COUNTING_Q = "How many entities have {cls}?"         # -> number word
+CONTINUITY_Q = "Is the board at the {position} broken?"   # -> "yes" / "no"
+YES_NO = ("yes", "no")
 TEST_SEED_BASE = 2**40     # test seeds: [TEST_SEED_BASE, TEST_SEED_BASE + TEST_SEED_SPAN)
 TEST_SEED_SPAN = 2**24
 MAX_CANVAS_PIXELS = 89_478_485   # `entitygrid --out`: as slicing.MAX_PIXELS, what ask/eval read
@@ -56,6 +70,7 @@ class EntityGridConfig:
     max_entities: int = 2         # recognition and position images hold 1..max_entities
     max_count: int = 3            # counting images hold 1..max_count entities
     background: tuple[int, int, int] = (0, 0, 0)
+    tasks: tuple[str, ...] = DEFAULT_TASKS   # what training draws and the test split cycles
 
     @property
     def width(self) -> int:
@@ -93,6 +108,11 @@ class EntityGridConfig:
                 or not all(isinstance(v, int) and 0 <= v <= 255 for v in bg)):
             raise ValueError(f"background must be three ints in 0..255, got {bg!r}")
         object.__setattr__(self, "background", tuple(bg))   # a list from JSON becomes a tuple
+        tasks = self.tasks
+        if (isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks
+                or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks)):
+            raise ValueError(f"tasks must be distinct names from {TASKS}, got {tasks!r}")
+        object.__setattr__(self, "tasks", tuple(tasks))
         # Every jittered box inside the canvas, neighbouring positions never touching.
         e, j = self.entity_px, self.jitter
         for axis, extent in (("width", self.width), ("height", self.height)):
@@ -147,9 +167,14 @@ def _config(cfg) -> EntityGridConfig:
 
 
 def _specs(rng: random.Random, cfg: EntityGridConfig, task: str, anchor: str):
-    """(cls, colour, position) triples, target indices among them, question, answer."""
+    """(cls, colour, position[, broken]) tuples, target indices among them, question, answer."""
     classes, colours = list(CLASSES), list(COLOURS)
     others = [p for p in POSITIONS if p != anchor]
+    if task == "continuity":
+        n = rng.randint(1, cfg.max_entities)
+        specs = [(BOARD, rng.choice(colours), p, rng.random() < 0.5)
+                 for p in [anchor] + rng.sample(others, n - 1)]
+        return specs, [0], CONTINUITY_Q.format(position=anchor), YES_NO[not specs[0][3]]
     if task == "counting":
         cls = rng.choice(classes)
         k = rng.randint(1, cfg.max_count)
@@ -182,13 +207,14 @@ def sample(seed: int, cfg: EntityGridConfig | None = None) -> Sample:
     cfg = _config(cfg)
     rng = random.Random(seed)
     if is_test_seed(seed):          # balanced: task and anchor position follow the index
-        i = seed - TEST_SEED_BASE
-        task, anchor = TASKS[i % len(TASKS)], POSITION_NAMES[i // len(TASKS) % len(POSITIONS)]
+        i, k = seed - TEST_SEED_BASE, len(cfg.tasks)
+        task, anchor = cfg.tasks[i % k], POSITION_NAMES[i // k % len(POSITIONS)]
     else:
-        task, anchor = rng.choice(TASKS), rng.choice(POSITION_NAMES)
+        task, anchor = rng.choice(cfg.tasks), rng.choice(POSITION_NAMES)
     specs, targets, question, answer = _specs(rng, cfg, task, anchor)
-    placed = [place(c, col, p, cfg, rng.randint(-cfg.jitter, cfg.jitter),
-                    rng.randint(-cfg.jitter, cfg.jitter)) for c, col, p in specs]
+    placed = [place_board(col, p, cfg, rest[0], rng) if c == BOARD else
+              place(c, col, p, cfg, rng.randint(-cfg.jitter, cfg.jitter),
+                    rng.randint(-cfg.jitter, cfg.jitter)) for c, col, p, *rest in specs]
     order = sorted(range(len(placed)), key=lambda i: POSITION_NAMES.index(placed[i].position))
     entities = [placed[i] for i in order]
     targets = tuple(sorted(order.index(t) for t in targets))
@@ -203,10 +229,12 @@ def questions_about(entities: Sequence[Entity], cfg: EntityGridConfig | None = N
 
     Recognition for each entity, position for each entity no other shares colour and class
     with, counting for each class present at most cfg.max_count times (so every answer is
-    in `answer_vocabulary(cfg)`). Training conversations draw extra turns from
+    in `answer_vocabulary(cfg)`); for boards, continuity for each board. Training conversations draw extra turns from
     these (`minihires.data.conversation`); the test split asks one question per image.
     """
     cfg = _config(cfg)
+    boards = [e for e in entities if e.cls == BOARD]
+    entities = [e for e in entities if e.cls != BOARD]
     pairs = [(e.colour, e.cls) for e in entities]
     counts = {c: sum(e.cls == c for e in entities) for c in dict.fromkeys(e.cls for e in entities)}
     out = [(RECOGNITION_Q.format(position=e.position), f"{e.colour} {e.cls}", "recognition")
@@ -215,6 +243,8 @@ def questions_about(entities: Sequence[Entity], cfg: EntityGridConfig | None = N
             for e in entities if pairs.count((e.colour, e.cls)) == 1]
     out += [(COUNTING_Q.format(cls=c), NUMBER_WORDS[k], "counting")
             for c, k in counts.items() if k <= cfg.max_count]
+    out += [(CONTINUITY_Q.format(position=e.position), YES_NO[not e.broken], "continuity")
+            for e in boards]
     return out
 
 
@@ -252,7 +282,7 @@ test_seeds.__test__ = False   # not a pytest test
 
 
 def test_split(n: int, cfg: EntityGridConfig | None = None) -> list[Sample]:
-    """The fixed test split: balanced over tasks x positions in every 27 samples."""
+    """The fixed test split: balanced over tasks x positions in every 9 * len(cfg.tasks)."""
     cfg = _config(cfg)
     return [sample(s, cfg) for s in test_seeds(n)]
 
@@ -266,14 +296,18 @@ def answer_vocabulary(cfg: EntityGridConfig | None = None) -> list[str]:
     """Every possible answer string."""
     cfg = _config(cfg)
     return ([f"{colour} {cls}" for cls in CLASSES for colour in COLOURS] + list(POSITIONS)
-            + list(NUMBER_WORDS[1:cfg.max_count + 1]))
+            + list(NUMBER_WORDS[1:cfg.max_count + 1])
+            + (list(YES_NO) if "continuity" in cfg.tasks else []))
 
 
 def question_texts(cfg: EntityGridConfig | None = None) -> Iterator[str]:
     """Every possible question, then every answer: the tokenizer's training text."""
+    cfg = _config(cfg)
     yield from (RECOGNITION_Q.format(position=p) for p in POSITIONS)
     yield from (POSITION_Q.format(colour=colour, cls=cls) for cls in CLASSES for colour in COLOURS)
     yield from (COUNTING_Q.format(cls=cls) for cls in CLASSES)
+    if "continuity" in cfg.tasks:
+        yield from (CONTINUITY_Q.format(position=p) for p in POSITIONS)
     yield from answer_vocabulary(cfg)
 
 
@@ -301,12 +335,16 @@ def _field(s, name):
     return s[name] if isinstance(s, Mapping) else getattr(s, name)
 
 
+GROUPS = ("all", *TASKS, "on_seam", "off_seam",
+          *(f"{t}/{side}" for t in TASKS for side in ("on_seam", "off_seam")))
+
+
 def score(predictions: Sequence[str], samples: Sequence) -> dict:
     """Exact-match accuracy (percent) after `normalize`, overall, per task and per seam side.
 
     samples: `Sample`s or mappings with answer, task, on_seam (e.g. questions.jsonl rows).
-    discrepancy = off-seam minus on-seam accuracy, in points. A group without samples
-    scores None.
+    discrepancy = off-seam minus on-seam accuracy, in points; `seam` holds the same per task
+    ({task: {"on_seam", "off_seam", "discrepancy"}}). A group without samples scores None.
     """
     predictions, samples = list(predictions), list(samples)
     if len(predictions) != len(samples):
@@ -314,21 +352,30 @@ def score(predictions: Sequence[str], samples: Sequence) -> dict:
                          f"{len(predictions)} vs {len(samples)}")
     if not samples:
         raise ValueError("score needs at least one sample")
-    groups = {g: [0, 0] for g in ("all", *TASKS, "on_seam", "off_seam")}   # [correct, total]
+    groups = {g: [0, 0] for g in GROUPS}                                # [correct, total]
     for pred, s in zip(predictions, samples):
         ok = normalize(pred) == normalize(_field(s, "answer"))
         task = _field(s, "task")
         if task not in TASKS:
             raise ValueError(f"sample task must be one of {TASKS}, got {task!r}")
-        for g in ("all", task, "on_seam" if _field(s, "on_seam") else "off_seam"):
+        side = "on_seam" if _field(s, "on_seam") else "off_seam"
+        for g in ("all", task, side, f"{task}/{side}"):
             groups[g][0] += ok
             groups[g][1] += 1
-    acc = {g: (100.0 * c / t if t else None) for g, (c, t) in groups.items()}
-    on, off = acc["on_seam"], acc["off_seam"]
+    return summarize({g: c for g, (c, _) in groups.items()}, {g: t for g, (_, t) in groups.items()})
+
+
+def summarize(correct: Mapping[str, int], counts: Mapping[str, int]) -> dict:
+    """`score`'s result from its tallies: correct and total per group ("all", each task, each
+    seam side, each "task/side"), e.g. summed over batches."""
+    acc = {g: (100.0 * correct[g] / t if t else None) for g, t in counts.items()}
+    gap = lambda on, off: None if on is None or off is None else off - on   # noqa: E731
+    seam = {t: {"on_seam": acc[f"{t}/on_seam"], "off_seam": acc[f"{t}/off_seam"],
+                "discrepancy": gap(acc[f"{t}/on_seam"], acc[f"{t}/off_seam"])} for t in TASKS}
     return {"accuracy": acc["all"], **{g: acc[g] for g in (*TASKS, "on_seam", "off_seam")},
-            "discrepancy": None if on is None or off is None else off - on,
-            "counts": {("total" if g == "all" else g): t for g, (_, t) in groups.items()},
-            "correct": {("total" if g == "all" else g): c for g, (c, _) in groups.items()}}
+            "discrepancy": gap(acc["on_seam"], acc["off_seam"]), "seam": seam,
+            "counts": {("total" if g == "all" else g): t for g, t in counts.items()},
+            "correct": {("total" if g == "all" else g): c for g, c in correct.items()}}
 
 
 # ---------------------------------------------------------------------------- export

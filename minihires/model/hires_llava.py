@@ -10,7 +10,7 @@
 Ablations share this one code path (ModelConfig): use_slices=False (thumbnail only),
 use_sra=False, compression in {"sms", "avg", "none"}, overlap, and mode="llava15"
 (thumbnail only, all g*g tokens, no sampler, no newline). `slicing.num_image_tokens` is
-the only place the image-token count is computed; `encode_images` asserts it.
+the only place the image-token count is computed; `encode_images` checks it.
 
 Choices that are ours: the newline embedding follows slice rows (not every token row, as
 LLaVA-NeXT does); the optional crop embedding (`cfg.crop_embedding`: a learned vector per
@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minihires import ops
 from minihires.model import slicing
 from minihires.model.config import ModelConfig
 from minihires.model.inputs import IGNORE, prepare, uses_slices
@@ -39,24 +40,6 @@ from minihires.model.llama import Llama
 from minihires.model.llama import generate as llama_generate
 from minihires.model.sampler import build_sampler
 from minihires.model.vit import VisionTransformer
-
-
-def check_config(cfg: ModelConfig) -> None:
-    """Reject inconsistent configs with a message naming the field."""
-    if cfg.mode not in ("hires", "llava15"):
-        raise ValueError(f"mode must be 'hires' or 'llava15', got {cfg.mode!r}")
-    if cfg.compression not in ("sms", "avg", "none"):
-        raise ValueError(f"compression must be 'sms', 'avg' or 'none', got {cfg.compression!r}")
-    if not 0.0 <= cfg.overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {cfg.overlap}")
-    if cfg.max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {cfg.max_slices}")
-    if cfg.vit.image_size % cfg.vit.patch_size:
-        raise ValueError(f"vit.image_size {cfg.vit.image_size} is not a multiple of "
-                         f"vit.patch_size {cfg.vit.patch_size}")
-    g = cfg.vit.image_size // cfg.vit.patch_size
-    if cfg.mode == "hires" and cfg.compression != "none" and g % cfg.sms.window:
-        raise ValueError(f"sms.window {cfg.sms.window} does not divide the token grid g = {g}")
 
 
 class MultiModalProjector(nn.Module):
@@ -78,7 +61,7 @@ class HiResLLaVA(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        check_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         hires = cfg.mode == "hires"
         sra = cfg.sra if hires and cfg.use_slices and cfg.use_sra else None
@@ -92,7 +75,7 @@ class HiResLLaVA(nn.Module):
 
     def init_image_embeddings(self) -> None:
         """(Re)create the learned image embeddings the config asks for ("hires" mode only):
-        `image_newline` [Dl]; with cfg.crop_embedding, `crop_embedding` [1 + 2 * max_slices, Dl]
+        `image_newline` [Dl]; with cfg.crop_embedding, `crop_embedding` [1 + 2 * m, Dl], m = max_slices (more with overlap: `max_side`)
         (rows: thumbnail, slice row 0.., slice column 0..) and `crop_grid_embedding` [h, h, Dl]
         (a token's place in its crop's h x h grid, shared by all crops). No pretrained
         checkpoint holds them (`hf`)."""
@@ -101,7 +84,8 @@ class HiResLLaVA(nn.Module):
             return
         self.image_newline = nn.Parameter(torch.randn(Dl) * Dl ** -0.5)
         if cfg.crop_embedding:
-            self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * cfg.max_slices, Dl) * Dl ** -0.5)
+            m = self.max_side(cfg)
+            self.crop_embedding = nn.Parameter(torch.randn(1 + 2 * m, Dl) * Dl ** -0.5)
             h = slicing.tokens_per_side(cfg)
             self.crop_grid_embedding = nn.Parameter(torch.randn(h, h, Dl) * Dl ** -0.5)
 
@@ -126,10 +110,14 @@ class HiResLLaVA(nn.Module):
             is_thumb[starts] = True
             order = torch.cat([starts, (~is_thumb).nonzero().squeeze(1)]).to(pixel_values.device)
             pixel_values = pixel_values[order]
-        feats = self.vision_tower(pixel_values, grids if slices_on else None)  # (N, 1 + g*g, Dv)
-        N, T, Dv = feats.shape
-        g = int(round((T - 1) ** 0.5))
-        x = feats[:, 1:].reshape(N, g, g, Dv)                           # (N, g, g, Dv), CLS dropped
+        if cfg.whole_canvas:                                          # the control: nothing is cut
+            x = self._whole_canvas_features(pixel_values, grids)        # (N, g, g, Dv)
+            N, g, Dv = x.shape[0], x.shape[1], x.shape[-1]
+        else:
+            feats = self.vision_tower(pixel_values, grids if slices_on else None)  # (N, 1+g*g, Dv)
+            N, T, Dv = feats.shape
+            g = int(round((T - 1) ** 0.5))
+            x = feats[:, 1:].reshape(N, g, g, Dv)                       # (N, g, g, Dv), CLS dropped
         if cfg.mode == "llava15":
             tokens = self.multi_modal_projector(x.reshape(N, g * g, Dv))  # (N, g*g, Dl)
             return list(tokens.unbind(0))
@@ -151,16 +139,49 @@ class HiResLLaVA(nn.Module):
                 parts.append(rows.reshape(r * (c * h * h + 1), Dl))
                 s += r * c
             seq = torch.cat(parts, dim=0)                               # (n_i, Dl)
-            assert seq.shape[0] == self.num_image_tokens((r, c)), "layout != num_image_tokens"
+            if seq.shape[0] != self.num_image_tokens((r, c)):
+                raise RuntimeError(f"image {b} (grid {r}x{c}) was laid out as {seq.shape[0]} "
+                                   f"tokens, but slicing.num_image_tokens says "
+                                   f"{self.num_image_tokens((r, c))}")
             out.append(seq)
         return out
+
+    def _whole_canvas_features(self, pixel_values: torch.Tensor,
+                               grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Crops (B thumbnails, then the slices) -> features [N, g, g, Dv] as if each slice had
+        been encoded alone, but from ONE ViT pass per image over its whole canvas of slices
+        (`ModelConfig.whole_canvas`): the slices' pixels are stitched back into the canvas,
+        encoded with interpolated position embeddings, and the canvas tokens are cut into
+        the slices' g x g pieces (`ops.stitch` / `ops.split`)."""
+        B, S = len(grids), pixel_values.shape[-1]
+        thumbs = self.vision_tower(pixel_values[:B])[:, 1:]                # (B, g*g, Dv)
+        g, Dv = int(round(thumbs.shape[1] ** 0.5)), thumbs.shape[-1]
+        slices = pixel_values[B:].permute(0, 2, 3, 1)                       # (Ns, S, S, 3)
+        packed = ops.stitch(slices, grids)                                  # (Ns*S*S, 3)
+        canvases = ops.canvases(packed, grids, S, S)                        # [r*S, c*S, 3] each
+        tokens: list = [None] * B
+        for shape in dict.fromkeys(c.shape for c in canvases):              # one pass per size
+            idx = [i for i, c in enumerate(canvases) if c.shape == shape]
+            x = torch.stack([canvases[i] for i in idx]).permute(0, 3, 1, 2)  # (n, 3, r*S, c*S)
+            f = self.vision_tower(x)[:, 1:]                                 # (n, r*g*c*g, Dv)
+            for k, i in enumerate(idx):
+                tokens[i] = f[k]
+        pieces = ops.split(torch.cat(tokens), grids, g, g)                  # (Ns, g, g, Dv)
+        return torch.cat([thumbs.reshape(B, g, g, Dv), pieces])             # (N, g, g, Dv)
+
+    @staticmethod
+    def max_side(cfg: ModelConfig) -> int:
+        """The most rows (or columns) of slices an image can have: max_slices, or the windows
+        that overlap lays over a canvas of max_slices slices (`slicing.slice_grid`)."""
+        return slicing.slice_grid((cfg.max_slices, cfg.max_slices), cfg.overlap)[0]
 
     def _crop_places(self, grids: list[tuple[int, int]], slices_on: bool) -> torch.Tensor:
         """[N, Dl]: the crop embedding of every crop, in encode_images' order (thumbnails,
         then each image's slices in raster order): thumbnail row, or slice row + column."""
-        E, m = self.crop_embedding, self.cfg.max_slices
+        E, m = self.crop_embedding, self.max_side(self.cfg)
         if any(r > m or c > m for r, c in grids):
-            raise ValueError(f"grids {grids} have more than max_slices = {m} rows or columns")
+            raise ValueError(f"grids {grids} have more than {m} rows or columns of slices "
+                             f"(max_slices {self.cfg.max_slices}, overlap {self.cfg.overlap})")
         thumbs = E[0].expand(len(grids), -1)                            # (B, Dl)
         if not slices_on:
             return thumbs
@@ -294,10 +315,6 @@ class HiResLLaVA(nn.Module):
             feats = self.encode_images(batch.pixel_values, batch.grids)
             embeds, mask, _ = self.build_inputs(batch.input_ids, batch.attention_mask, feats,
                                                 tokenizer.image_id, None, "left")
-            limit = self.cfg.llama.max_position_embeddings
-            if embeds.shape[1] + max_new_tokens - 1 > limit:
-                raise ValueError(f"prompt of {embeds.shape[1]} tokens + max_new_tokens "
-                                 f"{max_new_tokens} exceeds llama.max_position_embeddings = {limit}")
             out = llama_generate(self.language_model, embeds, mask, max_new_tokens,
                                  tokenizer.eos_id, temperature=temperature, top_p=top_p,
                                  generator=generator, use_cache=True)  # (B, <= max_new_tokens)

@@ -28,7 +28,7 @@ class Batch:
     (thumbnail, then slices row-major), or n_i = 1 (thumbnail) when slices are off;
     grids: each image's (r_i, c_i);
     segment_ids: [B, T] or None: several questions packed after the shared image prompt
-    (`minihires.shared_prefix`; 0 = the prompt through <image>, k = question k).
+    (`minihires.model.shared_prefix`; 0 = the prompt through <image>, k = question k).
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -56,8 +56,10 @@ def image_inputs(image, cfg: ModelConfig) -> tuple[torch.Tensor, tuple[int, int]
     """One image (path or PIL) -> (crops [n, 3, S, S], grid). Cache these to save CPU time."""
     img = slicing.load_image(image)
     S = cfg.vit.image_size
-    grid = slicing.plan(img.width, img.height, S, cfg.max_slices)
-    return slicing.crops(img, grid if uses_slices(cfg) else None, S, cfg.overlap), grid
+    grid = slicing.plan(img.width, img.height, S, cfg.max_slices)       # the canvas
+    # (crops, the grid of slices that the layout sees: more windows than `grid` with overlap)
+    return (slicing.crops(img, grid if uses_slices(cfg) else None, S, cfg.overlap,
+                          cfg.thumbnail_filter), slicing.slice_grid(grid, cfg.overlap))
 
 
 def collate(examples: Sequence[tuple], pad_id: int) -> Batch:

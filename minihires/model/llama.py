@@ -165,23 +165,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _check_config(cfg: LlamaConfig) -> None:
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by "
-                         f"num_attention_heads={cfg.num_attention_heads}")
-    if (cfg.hidden_size // cfg.num_attention_heads) % 2:
-        raise ValueError(f"head_dim={cfg.hidden_size // cfg.num_attention_heads} must be even "
-                         "for rotary embeddings")
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ValueError(f"num_key_value_heads={cfg.num_key_value_heads} must divide "
-                         f"num_attention_heads={cfg.num_attention_heads}")
-
-
 class Llama(nn.Module):
     """LLaMA decoder over input embeddings; returns next-token logits (B, T, vocab_size).
 
@@ -193,7 +176,7 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        _check_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -230,8 +213,8 @@ class Llama(nn.Module):
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds (B, T, D); attention_mask (B, past + T), 1 real / 0 pad, covering the
         cached tokens too; position_ids (B, T); cache is extended in place. segment_ids (B, T):
-        questions packed after a shared prefix (`minihires.shared_prefix`; no cache); they set
-        the mask and, unless given, the positions. -> logits (B, T, V)."""
+        questions packed after a shared prefix (`minihires.model.shared_prefix`; no cache);
+        they set the mask and, unless given, the positions. -> logits (B, T, V)."""
         past = self._check_inputs(inputs_embeds, attention_mask, position_ids, cache)
         B, T, _ = inputs_embeds.shape
         S, device = past + T, inputs_embeds.device

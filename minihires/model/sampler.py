@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minihires import ops
-from minihires.model.config import SMSConfig
+from minihires.model.config import COMPRESSIONS, SMSConfig
 from minihires.ops import reference
 
 
@@ -51,10 +51,7 @@ class SelfMiningSampler(nn.Module):
 
     def __init__(self, dim: int, cfg: SMSConfig, eps: float = 1e-5):
         super().__init__()
-        if cfg.window < 1:
-            raise ValueError(f"sms.window must be >= 1, got {cfg.window}")
-        if dim % cfg.num_heads:
-            raise ValueError(f"sms.num_heads {cfg.num_heads} does not divide the width {dim}")
+        cfg.validate(width=dim)
         self.window = cfg.window
         self.n_head = cfg.num_heads
         self.use_kernel = True
@@ -91,11 +88,12 @@ class SelfMiningSampler(nn.Module):
 
 
 def build_sampler(compression: str, dim: int, cfg: SMSConfig) -> nn.Module:
-    """The compressor for ModelConfig.compression: "sms", "avg" or "none" (identity)."""
+    """The compressor for ModelConfig.compression, one of COMPRESSIONS: "sms", "avg" or
+    "none" (identity)."""
     if compression == "sms":
         return SelfMiningSampler(dim, cfg)
     if compression == "avg":
         return AvgPoolSampler(cfg.window)
     if compression == "none":
         return nn.Identity()
-    raise ValueError(f"compression must be 'sms', 'avg' or 'none', got {compression!r}")
+    raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")

@@ -3,7 +3,7 @@
 Training asks `turns` questions about each image. As one LLaVA conversation, turn k reads every
 earlier question and answer, and those text tokens name the very colours, classes and places
 a later question asks about, so the model can learn to answer from the text instead of the
-image (our reading; README, "The main job", measures it). Packed this way instead, each question
+image (our reading; docs/results.md measures it). Packed this way instead, each question
 reads the image prompt and itself only, exactly what a single test question sees, while the
 image is still encoded once:
 

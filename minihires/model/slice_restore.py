@@ -38,8 +38,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"sra.num_heads {num_heads} does not divide the width {dim}")
+        assert dim % num_heads == 0, "SRAConfig.validate checks the heads divide the width"
         self.n_head = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
@@ -58,10 +57,7 @@ class SliceRestore(nn.Module):
 
     def __init__(self, dim: int, cfg: SRAConfig, eps: float = 1e-5):
         super().__init__()
-        if cfg.downsample < 1:
-            raise ValueError(f"sra.downsample must be >= 1, got {cfg.downsample}")
-        if cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0:
-            raise ValueError(f"sra.kernel_size must be odd and positive, got {cfg.kernel_size}")
+        cfg.validate(width=dim)
         self.downsample = cfg.downsample
         self.local = nn.Conv2d(dim, dim, cfg.kernel_size, padding=cfg.kernel_size // 2,
                                groups=dim)                              # depthwise

@@ -13,11 +13,13 @@ Choices that are ours, not the paper's (the paper does not spell them out):
 - A 1x1 grid means thumbnail + ONE slice (the image at S x S twice: a small image pays
   for one redundant crop, but the token layout has a single rule for every image).
 - Slices are cut from the image resized to c*S x r*S (aspect distorted within the
-  grid's tolerance; no padding). With `overlap` o > 0 (the ablation's control) the image
-  is resized to S + (c-1)*S*(1-o) wide (likewise high) and slices step by S*(1-o), so
-  neighbours share a fraction o of their width; o = 0 is the paper's setting.
-- Resampling is bicubic (as CLIP's preprocessing); pixels are normalised with CLIP's
-  mean and std.
+  grid's tolerance; no padding). With `overlap` o > 0 (the ablation's control) the canvas
+  stays the same, at native resolution, and windows of S step by S*(1-o) across it, the
+  last one flush with the edge: 1 + ceil((c-1)/(1-o)) columns of slices (3 for c = 2 and
+  o = 0.5), likewise rows (`slice_grid`). Neighbours share a fraction o of their width,
+  and every object lies whole inside some window; o = 0 is the paper's setting.
+- Resampling is bicubic (as CLIP's preprocessing); the thumbnail may use a box filter
+  instead (`ModelConfig.thumbnail_filter`). Pixels are normalised with CLIP's mean and std.
 - Colour rule of `load_image`: see its docstring.
 """
 from __future__ import annotations
@@ -193,32 +195,41 @@ def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
 
 # ----------------------------------------------------------------------------- crops
 
-def slice_boxes(grid: Grid, slice_size: int, overlap: float = 0.0):
-    """The resized canvas size (W', H') and each slice's box (left, top, right, bottom).
-
-    Slices are listed row-major; every box is slice_size x slice_size. overlap = 0 gives
-    the c*S x r*S canvas cut into a plain tiling.
-    """
-    r, c = grid
+def slice_grid(grid: Grid, overlap: float = 0.0) -> Grid:
+    """The rows and columns of slices cut from a canvas planned as `grid` (r, c): the same
+    without overlap; with overlap o, 1 + ceil((n-1)/(1-o)) windows per axis. This is the
+    grid the token layout and SliceRestore see (`num_image_tokens`, `HiResLLaVA`)."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    S = slice_size
-    stride = S * (1.0 - overlap)
-    def at(k: int) -> int:                                  # left/top pixel of slice k
-        return int(math.floor(k * stride + 0.5))
+    more = lambda n: 1 + math.ceil(Fraction(n - 1) / (1 - Fraction(overlap)))   # noqa: E731
+    return (more(grid[0]), more(grid[1])) if overlap else tuple(grid)
 
-    canvas = (at(c - 1) + S, at(r - 1) + S)                 # (W', H'): last slice ends at the edge
-    boxes = []
-    for i in range(r):
-        top = at(i)
-        for j in range(c):
-            left = at(j)
-            boxes.append((left, top, left + S, top + S))
-    return canvas, boxes
+
+def layout_grid(width: int, height: int, cfg: "ModelConfig") -> Grid:
+    """The slice grid of a width x height image under `cfg`: plan, then `slice_grid`."""
+    return slice_grid(plan(width, height, cfg.vit.image_size, cfg.max_slices), cfg.overlap)
+
+
+def slice_boxes(grid: Grid, slice_size: int, overlap: float = 0.0):
+    """The canvas size (c*S, r*S) of a planned `grid` and each slice's box (left, top, right,
+    bottom), row-major over `slice_grid(grid, overlap)`; every box is S x S. overlap = 0 cuts
+    the canvas into a plain tiling; o > 0 steps windows by S*(1-o), the last flush with the
+    canvas edge."""
+    r, c = grid
+    S = slice_size
+    rows, cols = slice_grid(grid, overlap)
+    stride = S * (1.0 - overlap)
+
+    def at(k: int, n: int) -> int:                      # left/top pixel of window k of n
+        return min(int(math.floor(k * stride + 0.5)), (n - 1) * S)
+
+    boxes = [(at(j, c), at(i, r), at(j, c) + S, at(i, r) + S)
+             for i in range(rows) for j in range(cols)]
+    return (c * S, r * S), boxes
 
 
 def resize_for_grid(image: Image.Image, grid: Grid, slice_size: int, overlap: float = 0.0) -> Image.Image:
-    """The image resized to the canvas its slices are cut from (c*S x r*S when overlap = 0)."""
+    """The image resized to the canvas its slices are cut from: c*S x r*S."""
     canvas, _ = slice_boxes(grid, slice_size, overlap)
     return image.resize(canvas, Image.Resampling.BICUBIC)
 
@@ -232,14 +243,23 @@ def normalize(image: Image.Image) -> torch.Tensor:
     return (x - mean) / std
 
 
-def crops(image: ImageLike, grid: Grid | None, slice_size: int, overlap: float = 0.0) -> torch.Tensor:
-    """Thumbnail + slices of `image`, CLIP-normalised: [1 + r*c, 3, S, S].
+THUMBNAIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX}
+
+
+def crops(image: ImageLike, grid: Grid | None, slice_size: int, overlap: float = 0.0,
+          thumbnail_filter: str = "bicubic") -> torch.Tensor:
+    """Thumbnail + slices of `image`, CLIP-normalised: [1 + r'*c', 3, S, S], where
+    (r', c') = slice_grid(grid, overlap) (= grid without overlap).
 
     grid None: the thumbnail alone, [1, 3, S, S] (thumbnail-only ablations and llava15).
+    thumbnail_filter: "bicubic" or "box" (`ModelConfig.thumbnail_filter`).
     """
+    if thumbnail_filter not in THUMBNAIL_FILTERS:
+        raise ValueError(f"thumbnail_filter must be one of {sorted(THUMBNAIL_FILTERS)}, "
+                         f"got {thumbnail_filter!r}")
     img = load_image(image)
     S = slice_size
-    thumb = img.resize((S, S), Image.Resampling.BICUBIC)
+    thumb = img.resize((S, S), THUMBNAIL_FILTERS[thumbnail_filter])
     if grid is None:
         return normalize(thumb).unsqueeze(0)                            # (1, 3, S, S)
     r, c = grid
@@ -248,4 +268,4 @@ def crops(image: ImageLike, grid: Grid | None, slice_size: int, overlap: float =
     canvas = normalize(resize_for_grid(img, grid, S, overlap))         # (3, H', W')
     _, boxes = slice_boxes(grid, S, overlap)
     pieces = [canvas[:, top:bottom, left:right] for left, top, right, bottom in boxes]
-    return torch.stack([normalize(thumb)] + pieces)                    # (1 + r*c, 3, S, S)
+    return torch.stack([normalize(thumb)] + pieces)                    # (1 + r'*c', 3, S, S)

@@ -17,7 +17,8 @@ so training and generation see the same prompt tokens. `conversation([(q1, a1), 
 is a multi-turn training text about one image, LLaVA-1.5's "...{a1}</s>USER: {q2} ASSISTANT:
 {a2}</s>..." (each later turn encoded on its own, so its first piece carries sentencepiece's
 dummy-prefix space; ours). `questions([...])`, the training default, packs the same pairs so
-that each question sees the image prompt but not the other questions (`minihires.shared_prefix`).
+that each question sees the image prompt but not the other questions
+(`minihires.model.shared_prefix`).
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ class Tokenizer:
 
     def questions(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
         """(ids, labels, segments) of several questions about one image that share its prompt
-        but not each other (`minihires.shared_prefix`): `chat(q1, a1)`, then for each later
+        but not each other (`minihires.model.shared_prefix`): `chat(q1, a1)`, then for each later
         turn the ids `chat(q, a)` has after its <image> token. segments is 0 up to and
         including <image>, k for turn k's tokens. One turn gives exactly `chat(q, a)`."""
         turns = _check_turns(turns)

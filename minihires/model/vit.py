@@ -123,18 +123,10 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig, sra: SRAConfig | None = None):
         super().__init__()
+        cfg.validate()
         L, D = cfg.num_hidden_layers, cfg.hidden_size
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"vit.image_size {cfg.image_size} is not a multiple of "
-                             f"vit.patch_size {cfg.patch_size}")
-        if D % cfg.num_attention_heads:
-            raise ValueError(f"vit.hidden_size {D} is not divisible by "
-                             f"vit.num_attention_heads {cfg.num_attention_heads}")
-        if not -(L + 1) <= cfg.feature_layer <= L:
-            raise ValueError(f"vit.feature_layer {cfg.feature_layer} out of range for "
-                             f"{L} layers (hidden states -{L + 1}..{L})")
         self.cfg = cfg
-        self.feature_index = cfg.feature_layer % (L + 1)   # hidden-state index, 0..L
+        self.feature_index = cfg.feature_index              # hidden-state index, 0..L
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(L)])
@@ -146,11 +138,7 @@ class VisionTransformer(nn.Module):
         # adapters after the init above, so their zero-initialised output layers stay zero
         self.sra = nn.ModuleDict()
         if sra is not None:
-            for i in cfg.sra_layers:
-                if not 0 <= i < self.feature_index:
-                    raise ValueError(f"vit.sra_layers has block {i}, but only blocks "
-                                     f"0..{self.feature_index - 1} feed feature_layer "
-                                     f"{cfg.feature_layer}")
+            for i in cfg.sra_layers:                      # each feeds the features (validate)
                 self.sra[str(i)] = SliceRestore(D, sra, eps=cfg.layer_norm_eps)
 
     def hidden_states(self, pixel_values: torch.Tensor, grids: Sequence[Sequence[int]] | None = None,

@@ -1,27 +1,34 @@
-"""`python -m minihires ablate`: the ablation table, every variant trained with the same budget.
+"""The ablation variants of `python -m minihires ablate`, every one trained with the same budget.
 
     1 thumbnail only          no slices; all g*g thumbnail tokens (no compression), the
                               LLaVA-1.5-style baseline: low resolution, many tokens
     2 slices + avg pool       thumbnail + slices, each crop average-pooled by the window
     3 slices + SMS            average pooling replaced by the Self-Mining sampler
     4 slices + SMS + SRA      + SliceRestore adapters: HiRes-LLaVA
-    5 overlap, no SRA         control: slices overlap by OVERLAP instead of restoring seams
+    5 overlap, no SRA         control: overlapping windows instead of restoring seams, at
+                              native resolution (overlap OVERLAP: on the 2 x 2 canvas a
+                              3 x 3 grid of slices with a half-slice stride, so every entity
+                              lies whole in some window), at the price of more tokens
+    6 whole canvas, no SRA    control: the ViT runs once over each image's whole canvas
+                              (nothing is cut), then the same pieces, sampler and LLM: the
+                              upper bound SRA aims at, at the price of ViT attention FLOPs
 
 Every variant trains from scratch with the same steps, batch size, learning rate and seeds
-(`minihires.train`), on the same data stream, and is scored on the same test split. With
-several seeds the table shows means (and the spread as min-max). Choices that are ours:
-the variant list follows the issue, not the paper's tables; variant 1 keeps all thumbnail
-tokens; variant 5 uses overlap 0.25, for which `slicing` shrinks the 2 x 2 canvas to
-56 px before cutting (that resampling blurs the 1-pixel patterns too, so the control
-measures overlap and resampling together).
+(`minihires.training.train`), on the same data stream, and is scored on the same test
+split. With several seeds the table shows means (and the spread as min-max). Choices that
+are ours: the variant list (not the paper's tables); variant 1 keeps all thumbnail tokens;
+variant 5's half-slice stride; variant 6.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
+from minihires.analysis import budget
+from minihires.data.batches import data_config
 from minihires.training import train as T
 
-OVERLAP = 0.25
+OVERLAP = 0.5
 VARIANTS = {
     "thumbnail": ("thumbnail only", dict(use_slices=False, compression="none")),
     "avg": ("slices + avg pool", dict(use_slices=True, use_sra=False, compression="avg")),
@@ -29,10 +36,39 @@ VARIANTS = {
     "sms+sra": ("slices + SMS + SRA", dict(use_slices=True, use_sra=True, compression="sms")),
     "overlap": (f"overlap {OVERLAP}, no SRA", dict(use_slices=True, use_sra=False,
                                                    compression="sms", overlap=OVERLAP)),
+    "whole": ("whole canvas, no SRA", dict(use_slices=True, use_sra=False, compression="sms",
+                                           whole_canvas=True)),
 }
 COLUMNS = [("accuracy", "overall"), ("recognition", "recog."), ("position", "position"),
            ("counting", "counting"), ("on_seam", "on-seam"), ("off_seam", "off-seam"),
            ("discrepancy", "discrep.")]
+CONTINUITY_COLUMNS = [("continuity_on", "cont. on-seam"), ("continuity_off", "cont. off-seam"),
+                      ("continuity_gap", "cont. gap")]
+
+
+def flat(m: dict) -> dict:
+    """One run's metrics, with the continuity task's seam sides as columns."""
+    cont = (m.get("seam") or {}).get("continuity") or {}
+    return {**m, "continuity_on": cont.get("on_seam"), "continuity_off": cont.get("off_seam"),
+            "continuity_gap": cont.get("discrepancy")}
+
+
+def vit_gflops(tc: T.TrainConfig, key: str) -> float:
+    """ViT (+ SRA) GFLOPs per EntityGrid-QA image for variant `key` (`budget`'s formulas)."""
+    cfg = dataclasses.replace(tc, **VARIANTS[key][1]).model_config()
+    data_cfg = data_config(cfg)
+    row = budget.budget(data_cfg.width, data_cfg.height, cfg)[-1]      # the HiRes-LLaVA row
+    return row.vit / 1e9
+
+
+def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig) -> dict:
+    """What `ablate` writes as JSON beside its table: per variant, each seed's figures."""
+    keys = [k for k, _ in COLUMNS + CONTINUITY_COLUMNS] + ["continuity", "visual_tokens",
+                                                           "train_time_s", "steps", "eval_n"]
+    return {"seeds": seeds,
+            "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
+                               "runs": [{k: flat(r).get(k) for k in keys} for r in runs]}
+                         for key, runs in results.items()}}
 
 
 def _cell(values: list, signed: bool = False) -> str:
@@ -48,17 +84,23 @@ def _cell(values: list, signed: bool = False) -> str:
 
 def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: list[int]) -> str:
     """results: variant key -> that variant's metrics, one per seed."""
-    head = ["variant"] + [c[1] for c in COLUMNS] + ["visual tokens", "train s"]
+    results = {k: [flat(r) for r in runs] for k, runs in results.items()}
+    cont = any(r.get("continuity") is not None for runs in results.values() for r in runs)
+    columns = COLUMNS + (CONTINUITY_COLUMNS if cont else [])
+    head = ["variant"] + [c[1] for c in columns] + ["visual tokens", "ViT GFLOPs", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in results.items():
-        row = [VARIANTS[key][0]] + [_cell([r.get(k) for r in runs], k == "discrepancy")
-                                    for k, _ in COLUMNS]
-        row += [str(runs[0]["visual_tokens"]), f"{statistics.fmean(r['train_time_s'] for r in runs):.0f}"]
+        row = [VARIANTS[key][0]] + [_cell([r.get(k) for r in runs], k.endswith(("discrepancy", "gap")))
+                                    for k, _ in columns]
+        row += [str(runs[0]["visual_tokens"]), f"{vit_gflops(tc, key):.3g}",
+                f"{statistics.fmean(r['train_time_s'] for r in runs):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"EntityGrid-QA test split, n={tc.eval_n}; accuracy in %, discrepancy = off-seam "
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
                  f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
+                 f"{'; tasks ' + ', '.join(tc.tasks) if tc.tasks else ''}"
+                 f"{'; thumbnail ' + tc.thumbnail_filter if tc.thumbnail_filter else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     return "\n".join(lines)

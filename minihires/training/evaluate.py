@@ -54,7 +54,7 @@ class Tally:
     `entitygrid.score` and `by_entities` on all of them, without keeping any sample."""
 
     def __init__(self):
-        self.groups = {g: [0, 0] for g in ("all", *entitygrid.TASKS, "on_seam", "off_seam")}
+        self.groups = {g: [0, 0] for g in entitygrid.GROUPS}          # [correct, total]
         self.cells: dict = {t: {} for t in entitygrid.TASKS}      # task -> {entities: [c, t]}
 
     def add(self, answers: Sequence[str], samples: Sequence) -> None:
@@ -77,13 +77,8 @@ class Tally:
         """As `entitygrid.score` of every sample added."""
         if not self.groups["all"][1]:
             raise ValueError("score needs at least one sample")
-        acc = {g: (100.0 * c / t if t else None) for g, (c, t) in self.groups.items()}
-        on, off = acc["on_seam"], acc["off_seam"]
-        return {"accuracy": acc["all"],
-                **{g: acc[g] for g in (*entitygrid.TASKS, "on_seam", "off_seam")},
-                "discrepancy": None if on is None or off is None else off - on,
-                "counts": {("total" if g == "all" else g): t for g, (_, t) in self.groups.items()},
-                "correct": {("total" if g == "all" else g): c for g, (c, _) in self.groups.items()}}
+        return entitygrid.summarize({g: c for g, (c, _) in self.groups.items()},
+                                    {g: t for g, (_, t) in self.groups.items()})
 
     def by_entities(self) -> dict:
         """As `by_entities`: {task: {entities: (correct, total)}}."""
@@ -130,10 +125,15 @@ def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
             ("recognition", m.get("recognition"), c.get("recognition")),
             ("position", m.get("position"), c.get("position")),
             ("counting", m.get("counting"), c.get("counting")),
+            ("continuity", m.get("continuity"), c.get("continuity")),
             ("on-seam", m.get("on_seam"), c.get("on_seam")),
             ("off-seam", m.get("off_seam"), c.get("off_seam"))]
+    cont = m.get("seam", {}).get("continuity", {})
+    rows += [("continuity on-seam", cont.get("on_seam"), c.get("continuity/on_seam")),
+             ("continuity off-seam", cont.get("off_seam"), c.get("continuity/off_seam"))]
     lines = [f"{title} (n={m.get('eval_n', c.get('total'))})", f"  {'':<22}{'acc %':>7}{'n':>7}"]
-    lines += [f"  {name:<22}{_pct(acc):>7}{n if n is not None else '-':>7}" for name, acc, n in rows]
+    lines += [f"  {name:<22}{_pct(acc):>7}{n if n is not None else '-':>7}" for name, acc, n in rows
+              if n or not name.startswith("continuity")]      # continuity rows when asked
     d = m.get("discrepancy")
     lines.append(f"  {'discrepancy (off-on)':<22}{'   -' if d is None else f'{d:+5.1f}':>7}  points")
     lines.append(f"  {'visual tokens / image':<22}{m.get('visual_tokens', '-'):>7}")
@@ -148,7 +148,7 @@ def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
 def by_entities(answers: Sequence[str], samples: Sequence[entitygrid.Sample]) -> dict:
     """Accuracy per task and per number of entities in the image: {task: {n: (correct, total)}}.
 
-    Separates reading one entity from telling two apart (README, "Where it stands").
+    Separates reading one entity from telling two apart (docs/results.md has the figures).
     """
     if len(answers) != len(samples):
         raise ValueError(f"answers and samples differ in length: {len(answers)} vs {len(samples)}")

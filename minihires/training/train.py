@@ -5,7 +5,7 @@
     for step in 0..steps-1:
         batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
                   with `turns` questions about it (data.conversation), packed so that each
-                  sees the image but not the others (minihires.shared_prefix)
+                  sees the image but not the others (minihires.model.shared_prefix)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
@@ -14,28 +14,25 @@ pretrained. Budgets are counted in steps, not seconds, so a result does not depe
 busy the machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on
 CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes. The process group's
 life (bounded waits, a failing rank stopping the others, every rank leaving it together
-before rank 0 evaluates) is `minihires.distributed`'s. A run folder is checked and written
-by `minihires.checkpoint`: a resume goes only forward, and a step whose loss is not finite
-stops the run (`Diverged`) before it can write a checkpoint.
+before rank 0 evaluates) is `minihires.training.distributed`'s. A run folder is checked and
+written by `minihires.training.checkpoint`: a resume goes only forward, and a step whose loss
+is not finite stops the run (`Diverged`) before it can write a checkpoint.
 
 Choices that are ours: the schedule (linear warmup, cosine to min_lr_ratio * lr), AdamW
 betas (0.9, 0.98), weight decay on matrices only, gradient clipping at 1, bf16 autocast on
 GPU only, several questions per training image that do not see each other (`turns`,
-`chat_turns`, see `minihires.data`), tokenizer pieces that may cross spaces (`span_words`:
-on this closed vocabulary each answer, place and entity becomes one piece), and
-`vision_lr_scale`: the ViT encoder (embeddings and blocks; not the SliceRestore adapters)
-learns at a fraction of the peak lr. Measured with the previous defaults (tiny, seed 0, 1000
-steps, one question per image): recognition 11% with --vision-lr-scale 1, 77% with 0.1.
-Our reading, from probes made while tuning: at the full lr the ViT soon becomes a colour
-detector (colour answers the easy half of every question) and the pattern class, which is
-what slices are for, fades from its tokens before the LLM has learned to read it.
+`chat_turns`, see `minihires.data.batches`), tokenizer pieces that may cross spaces
+(`span_words`: on this closed vocabulary each answer, place and entity becomes one piece),
+and `vision_lr_scale`: the ViT encoder (embeddings and blocks; not the SliceRestore
+adapters) learns at a fraction of the peak lr. Why (our reading): at the full lr the
+from-scratch ViT soon becomes a colour detector (colour answers the easy half of every
+question) and the pattern class, which is what slices are for, fades from its tokens before
+the LLM has learned to read it.
 
-Threads: torch's default, one per core (torchrun sets OMP_NUM_THREADS=1 per rank). Measured
-on the 2-core machine (tiny preset, 32 images x 3 questions a step, median step time over 10
-steps of this loop; `train --turns 3 --steps 30 --eval-n 0 --threads N` shows the rate):
-with the cores idle, 2 threads 0.33 s a step and 1 thread 0.57 s; with another busy process
-on the machine, 2 threads 1.17 s (OpenMP threads spin waiting for the busy core) and 1 thread
-0.59 s. So pass --threads 1 when the cores are shared, e.g. two runs side by side.
+Threads: torch's default, one per core (torchrun sets OMP_NUM_THREADS=1 per rank). When the
+cores are shared (another busy process, two runs side by side) pass --threads 1: OpenMP
+threads spin waiting for a busy core. A run is bitwise repeatable for one machine and thread
+count, not across thread counts (docs/results.md, "Determinism").
 """
 from __future__ import annotations
 
@@ -60,12 +57,11 @@ from minihires.data.entitygrid import (
     question_texts,
 )
 from minihires.model import HiResLLaVA
-from minihires.model.config import PRESETS, ModelConfig, preset
+from minihires.model.config import COMPRESSIONS, PRESETS, ModelConfig, preset
 from minihires.model.tokenizer import Tokenizer
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training import evaluate as scoring
-
 
 log = logging.getLogger(__name__)   # messages for the user; the command line shows them
 
@@ -103,6 +99,9 @@ class TrainConfig:
     crop_embedding: bool | None = None
     compression: str | None = None
     overlap: float | None = None
+    whole_canvas: bool | None = None      # the native-resolution control (ModelConfig)
+    thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
+    tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
 
     def validate(self) -> None:
         """ValueError naming the first field with a wrong type or value."""
@@ -142,9 +141,15 @@ class TrainConfig:
             need(lambda v: isinstance(v, bool), name, "true or false")
         for name in ("use_slices", "use_sra", "crop_embedding"):
             need(lambda v: v is None or isinstance(v, bool), name, "true, false or None")
-        need(lambda v: v in (None, "sms", "avg", "none"), "compression",
-             "'sms', 'avg' or 'none'")
+        need(lambda v: v is None or v in COMPRESSIONS, "compression",
+             f"one of {COMPRESSIONS} or None")
         need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
+        self.model_config()     # the switches must fit the preset (e.g. overlap needs no SRA)
+        if self.tasks is not None:
+            try:
+                EntityGridConfig(tasks=self.tasks)
+            except ValueError as e:
+                raise ValueError(str(e)) from None          # "tasks must be ..."
         need(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v), "device",
              "'cpu' or 'cuda[:N]'")
         if self.device.startswith("cuda"):
@@ -155,10 +160,14 @@ class TrainConfig:
                                  f"{torch.cuda.device_count()} CUDA GPU(s)")
 
     def model_config(self) -> ModelConfig:
+        """The preset with the ablation switches that are set; validated (ValueError)."""
         cfg = preset(self.preset)
         switches = {k: getattr(self, k)
-                    for k in ("use_slices", "use_sra", "compression", "overlap", "crop_embedding")}
-        return dataclasses.replace(cfg, **{k: v for k, v in switches.items() if v is not None})
+                    for k in ("use_slices", "use_sra", "compression", "overlap", "crop_embedding",
+                              "whole_canvas", "thumbnail_filter")}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in switches.items() if v is not None})
+        cfg.validate()
+        return cfg
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -174,7 +183,7 @@ def build(tc: TrainConfig, tokenizer: Tokenizer | None = None
     """Model config (paired with the tokenizer), data config and the tokenizer: trained
     (deterministic), or the given one (a resumed run's own)."""
     model_cfg = tc.model_config()
-    data_cfg = data.data_config(model_cfg)
+    data_cfg = data.data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
     if tokenizer is None:
         tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size,
                                     span_words=tc.span_words)
@@ -204,9 +213,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 def freeze_vision(model: HiResLLaVA) -> None:
     """Stop training the vision side (ViT, SRA adapters, sampler): autograd then skips the
-    backward through it, a third of a tiny-preset CPU step (`train --steps 60 --eval-n 0`,
-    train time / 60 at 2 threads: 0.35 s, and 0.23 s with --freeze-vision-at 0). The optimizer keeps their state; AdamW skips parameters
-    without a gradient."""
+    backward through it, so later steps are cheaper (docs/results.md gives the step times).
+    The optimizer keeps their state; AdamW skips parameters without a gradient."""
     for module in (model.vision_tower, getattr(model, "sampler", None)):
         if module is not None:
             module.requires_grad_(False)
@@ -297,7 +305,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     """Train (or resume) a run into folder `out`; return its metrics (None if stopped early).
 
     stop_at: stop after this many steps as an interruption would (checkpoint, no eval).
-    Under torchrun every rank calls this (`minihires.distributed`: every rank trains, all of
+    Under torchrun every rank calls this (`minihires.training.distributed`: every rank trains, all of
     them meet at a barrier and leave the process group together, then rank 0 alone evaluates
     and writes metrics.json); ranks other than 0 return None. Raises Diverged when a step's
     loss or gradient is not finite (the last checkpoint is kept).
@@ -327,7 +335,9 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "vision_lr_scale": tc.vision_lr_scale, "freeze_vision_at": tc.freeze_vision_at,
                "turns": tc.turns,
                "chat_turns": tc.chat_turns, "span_words": tc.span_words,
-               "train_max_entities": tc.train_max_entities,
+               "train_max_entities": tc.train_max_entities, "tasks": list(data_cfg.tasks),
+               "whole_canvas": model_cfg.whole_canvas,
+               "thumbnail_filter": model_cfg.thumbnail_filter,
                "param_hash": param_hash(model), "rank_param_hashes": hashes}
     if tc.eval_n:
         t0 = time.perf_counter()

@@ -92,7 +92,7 @@ COLLECT="($PY -m pytest -q --collect-only -m cuda -p no:cacheprovider ${KERNEL_T
 
 if ((DRY)); then
   step machine "$PY -c \"import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)\"; echo 'no GPU: dry run'"
-  step preflight "$PY tests/gpu/preflight.py --dry-run && $COLLECT && $PY -c 'import minihires.ops, minihires.bench, minihires.benchmarks.stitch, minihires.benchmarks.window_attn_pool' && $PY tests/gpu/sanitize.py --device cpu"
+  step preflight "$PY tests/gpu/preflight.py --dry-run && $COLLECT && $PY -c 'import minihires.ops, minihires.cli.bench, minihires.benchmarks.stitch, minihires.benchmarks.window_attn_pool' && $PY tests/gpu/sanitize.py --device cpu"
   for s in build tests memcheck racecheck synccheck bench; do skip "$s" "dry run"; done
 else
   step machine "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c \"import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)\"; nvcc --version | tail -1"
