@@ -2,7 +2,7 @@
 
 Each notebook is executed in a fresh kernel of the current Python (`tutorials/execute.py`) on
 an in-memory copy with its outputs cleared: the committed file is never touched. Any cell that
-raises fails the test. MINIHIRES_NB_STEPS shortens notebook 06's training (same code path).
+raises fails the test. MINIHIRES_NB_STEPS shortens notebook 07's training (same code path).
 The committed notebooks must keep their outputs (they are read on the repository page), from
 one top-to-bottom run, with every figure produced by a cell (none pasted into markdown).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 from pathlib import Path
 
 import nbformat
@@ -29,8 +30,8 @@ def _load_execute():
 execute = _load_execute()
 NOTEBOOKS = execute.notebooks()
 EXPECTED = ["01_slicing_and_fragmentation", "02_vit_from_scratch", "03_slice_restore",
-            "04_self_mining_sampler", "05_llama_from_scratch", "06_train_on_entitygrid",
-            "07_cuda_kernels"]
+            "04_self_mining_sampler", "05_llama_from_scratch", "06_the_model",
+            "07_train_on_entitygrid", "08_cuda_kernels", "09_seam_benchmark"]
 
 
 def code_cells(nb):
@@ -59,7 +60,7 @@ def test_execute_selects_notebooks_by_number_or_name():
         TUTORIALS / "05_llama_from_scratch.ipynb", TUTORIALS / "01_slicing_and_fragmentation.ipynb"]
     with pytest.raises(ValueError, match="'99' matches no notebook"):
         execute.select(["99"])
-    with pytest.raises(ValueError, match="matches 7 notebooks"):
+    with pytest.raises(ValueError, match=f"matches {len(EXPECTED)} notebooks"):
         execute.select(["0"])
     with pytest.raises(SystemExit):            # the command line reports the bad name and exits 2
         execute.main(["no_such_notebook"])
@@ -82,6 +83,17 @@ def test_committed_notebook_keeps_outputs_of_one_clean_run(path):
                 "figures come from running cells, not pasted into markdown"
 
 
+def test_the_training_notebook_shows_a_model_that_learns():
+    """Notebook 07's committed run scores every task above chance by more than two standard
+    errors (its own verdict lines), not a model stuck at chance."""
+    nb = nbformat.read(TUTORIALS / "07_train_on_entitygrid.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in code_cells(nb) for o in c.outputs
+                   if o.output_type == "stream")
+    for task in ("recognition", "position", "counting"):
+        assert re.search(rf"^{task} .*: above chance$", text, re.M), \
+            f"{task}: the committed run of notebook 07 is not above chance"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
@@ -97,8 +109,8 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
 
 
 def _gpu_results_notebook():
-    """The cells of notebook 07 that read and draw recorded GPU results (tagged gpu-results)."""
-    nb = nbformat.read(TUTORIALS / "07_cuda_kernels.ipynb", as_version=4)
+    """The cells of notebook 08 that read and draw recorded GPU results (tagged gpu-results)."""
+    nb = nbformat.read(TUTORIALS / "08_cuda_kernels.ipynb", as_version=4)
     nb.cells = [c for c in code_cells(nb) if "gpu-results" in c.metadata.get("tags", [])]
     assert len(nb.cells) >= 3, "imports, table helpers and the results cell are tagged"
     return cleared(nb)

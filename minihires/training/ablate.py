@@ -65,7 +65,7 @@ def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig)
     """What `ablate` writes as JSON beside its table: per variant, each seed's figures."""
     keys = [k for k, _ in COLUMNS + CONTINUITY_COLUMNS] + ["continuity", "visual_tokens",
                                                            "train_time_s", "steps", "eval_n"]
-    return {"seeds": seeds,
+    return {"seeds": seeds, "tasks": tc.tasks, "thumbnail_filter": tc.thumbnail_filter,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
                                "runs": [{k: flat(r).get(k) for k in keys} for r in runs]}
                          for key, runs in results.items()}}
