@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CELL_TIMEOUT = 600          # seconds per cell; a notebook is meant to take well under a minute
-                            # (07's training run: about two on 2 free cores)
+                            # (07's training run: about two and a half on 2 free cores)
 
 
 def notebooks() -> list[Path]:
