@@ -6,7 +6,7 @@ steps, then times --steps more, and prints:
 
     FLOPs      a step's forward + backward, counted by FlopCounterMode, per part of the model
                (vision tower, sampler, projector, language model; minihires.analysis.flops)
-    phases     median seconds a step spends making the batch, in the forward, the backward,
+    phases     mean seconds a step spends making the batch, in the forward, the backward,
                clipping the gradient and in AdamW, and their shares
     forward    the forward's seconds per part of the model (forward hooks), with each part's
                achieved GFLOP/s against the float32 matmul peak measured in the same run
@@ -107,12 +107,13 @@ def main(argv: list[str]) -> int:
     for step in range(args.warmup, args.warmup + args.steps):
         for k, seconds in zip(phases, run_step(step)):
             phases[k].append(seconds)
+    part_s = {name: statistics.fmean(v) for name, v in forward_of.items() if v}
     if args.ops:                                     # more steps, profiled (slower)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
                 run_step(step)
 
-    step_s = sum(statistics.median(v) for v in phases.values())
+    step_s = sum(statistics.fmean(v) for v in phases.values())
     print(f"step_cost: batch {tc.batch_size}, {torch.get_num_threads()} thread(s), "
           f"{args.steps} timed steps after {args.warmup}; float32 1024^2 matmul "
           f"{peak / 1e9:.1f} GFLOP/s")
@@ -121,20 +122,17 @@ def main(argv: list[str]) -> int:
     for name in PARTS:
         f = by_module.get(f"HiResLLaVA.{name}", 0)
         print(f"  {name:<22}{f / 1e9:8.2f} G  {f / total:6.1%}")
-    print(f"\nphases (median s a step, share of {step_s:.3f} s):")
+    print(f"\nphases (mean s a step, share of {step_s:.3f} s):")
     for k, v in phases.items():
-        print(f"  {k:<22}{statistics.median(v):8.3f}  {statistics.median(v) / step_s:6.1%}")
-    fwd = statistics.median(phases["forward"])
+        print(f"  {k:<22}{statistics.fmean(v):8.3f}  {statistics.fmean(v) / step_s:6.1%}")
+    fwd = statistics.fmean(phases["forward"])
     fwd_total = fwd_by_module["Global"]
-    print(f"\nforward by part (median s, share of the forward; GFLOP/s = of the matmul peak); "
-          f"backward / forward = {statistics.median(phases['backward']) / fwd:.2f}")
-    for name in PARTS:
-        if not forward_of[name]:
-            continue
-        s = statistics.median(forward_of[name])
+    print(f"\nforward by part (mean s, share of the forward; GFLOP/s = of the matmul peak); "
+          f"backward / forward = {statistics.fmean(phases['backward']) / fwd:.2f}")
+    for name, s in part_s.items():
         f = fwd_by_module.get(f"HiResLLaVA.{name}", 0)
         print(f"  {name:<22}{s:8.3f}  {s / fwd:6.1%}   {f / s / 1e9:6.1f} GFLOP/s  {f / s / peak:5.0%}")
-    other = fwd - sum(statistics.median(v) for v in forward_of.values() if v)
+    other = fwd - sum(part_s.values())
     print(f"  {'(the rest: layout, loss)':<22}{other:8.3f}  {other / fwd:6.1%}   "
           f"{(fwd_total - sum(fwd_by_module.get(f'HiResLLaVA.{n}', 0) for n in PARTS)) / 1e9:.2f} GFLOP")
     if args.ops:

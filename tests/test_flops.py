@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from minihires.analysis import flops
 from minihires.cli.train import cli_train
@@ -25,6 +26,15 @@ def test_linear_forward_backward_matches_a_hand_count():
     assert flops.step_flops(lambda: lin(x).sum().backward())[0] == 2 * mm
     x.requires_grad_(True)
     assert flops.step_flops(lambda: lin(x).sum().backward())[0] == 3 * mm
+
+
+def test_attention_counts_its_two_matrix_products():
+    B, H, T, S, D = 2, 3, 5, 7, 8                  # q @ k^T and attn @ v: 2 x B*H*T*S*D each
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    assert flops.step_flops(lambda: F.scaled_dot_product_attention(q, k, v))[0] == 4 * B * H * T * S * D
+    q.requires_grad_(True)   # backward, as torch counts it: the scores again, then 4 gradients
+    total = flops.step_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())[0]
+    assert total == 2 * B * H * T * S * D * (2 + 5)
 
 
 def test_per_module_counts_split_the_total():

@@ -12,9 +12,11 @@ limit in the same process, with the same threads, makes the ratio comparable acr
 machines that differ in vector width, clock and load, where absolute times are not.
 
 Counting conventions are FlopCounterMode's: 2 x multiply-adds of matrix products,
-convolutions and attention; elementwise ops, norms, softmax and the minihires kernels
-(stitch, window_attn_pool) count zero. So the figure is the matmul work only, the usual
-meaning of "model FLOPs".
+convolutions and attention (dense, T x S: what the kernels compute here, where packed
+questions pass a mask); elementwise ops, norms, softmax and the minihires kernels (stitch,
+window_attn_pool) count zero. So the figure is the matmul work only, the usual meaning of
+"model FLOPs". torch counts the GPU attention kernels but not the CPU one; `step_flops`
+adds it with torch's own formulas.
 """
 from __future__ import annotations
 
@@ -23,7 +25,20 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+aten = torch.ops.aten
+CPU_ATTENTION = {   # {op: flops(shapes...)}: F.scaled_dot_product_attention's CPU kernel
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs:
+            sdpa_backward_flop_count(grad, q, k, v),
+}
 
 
 def step_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
@@ -31,7 +46,7 @@ def step_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
 
     The per-module dict holds every module level FlopCounterMode tracks ("Global" is the
     total; e.g. "HiResLLaVA.vision_tower" a submodule, counted in each of its parents)."""
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         fn()
     by_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     return counter.get_total_flops(), by_module
