@@ -5,12 +5,14 @@ An experiment outside the package. It builds the model, data and optimizer exact
 steps, then times --steps more, and prints:
 
     FLOPs      a step's forward + backward, counted by FlopCounterMode, per part of the model
-               (vision tower, sampler, projector, language model; minihires.analysis.flops)
+               (vision tower, sampler, projector, language model) and per op, as `train`
+               counts them (minihires.analysis.flops)
     phases     mean seconds a step spends making the batch, in the forward, the backward,
                clipping the gradient and in AdamW, and their shares
     forward    the forward's seconds per part of the model (forward hooks), with each part's
                achieved GFLOP/s against the float32 matmul peak measured in the same run
     ops        with --ops N: torch.profiler's N most expensive ops, over --steps more steps
+               (--shapes: per op and input shapes, e.g. to find which layer a `mul` is)
 
 Times on a shared machine are noisy; read the ratios. The step is train's own (same batches,
 same optimizer groups), so the figures describe the main job, not a stand-in.
@@ -24,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from minihires.analysis import flops
 from minihires.cli.errors import ArgumentParser, command
@@ -57,6 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--ops", type=int, default=0, metavar="N",
                    help="also print torch.profiler's N most expensive ops")
+    p.add_argument("--shapes", action="store_true", help="with --ops: one row per op and input shapes")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +78,11 @@ def main(argv: list[str]) -> int:
         return data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg, tc.chat_turns)
 
     first = batch_of(0)
-    total, by_module = flops.step_flops(lambda: model(**first.kwargs())[1].backward())
+    with FlopCounterMode(display=False, custom_mapping=flops.CPU_ATTENTION) as counter:
+        model(**first.kwargs())[1].backward()          # as flops.step_flops, keeping the ops
+    total = counter.get_total_flops()
+    by_module = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
+    by_op = counter.get_flop_counts()["Global"]
     model.zero_grad(set_to_none=True)
     with torch.no_grad():                            # the forward alone, for per-part GFLOP/s
         fwd_by_module = flops.step_flops(lambda: model(**first.kwargs()))[1]
@@ -109,7 +117,8 @@ def main(argv: list[str]) -> int:
             phases[k].append(seconds)
     part_s = {name: statistics.fmean(v) for name, v in forward_of.items() if v}
     if args.ops:                                     # more steps, profiled (slower)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=True) as profiler:
             for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
                 run_step(step)
 
@@ -122,6 +131,8 @@ def main(argv: list[str]) -> int:
     for name in PARTS:
         f = by_module.get(f"HiResLLaVA.{name}", 0)
         print(f"  {name:<22}{f / 1e9:8.2f} G  {f / total:6.1%}")
+    print("  by op: " + ", ".join(f"{op} {f / 1e9:.2f} G" for op, f in
+                                  sorted(by_op.items(), key=lambda kv: -kv[1])))
     print(f"\nphases (mean s a step, share of {step_s:.3f} s):")
     for k, v in phases.items():
         print(f"  {k:<22}{statistics.fmean(v):8.3f}  {statistics.fmean(v) / step_s:6.1%}")
@@ -137,7 +148,8 @@ def main(argv: list[str]) -> int:
           f"{(fwd_total - sum(fwd_by_module.get(f'HiResLLaVA.{n}', 0) for n in PARTS)) / 1e9:.2f} GFLOP")
     if args.ops:
         print(f"\nops (torch.profiler, {args.steps} steps):")
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+        ops = profiler.key_averages(group_by_input_shape=args.shapes)
+        print(ops.table(sort_by="self_cpu_time_total", row_limit=args.ops))
     return 0
 
 
