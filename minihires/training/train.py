@@ -7,6 +7,9 @@
                   with `turns` questions about it (data.conversation), packed so that each
                   sees the image but not the others (minihires.model.shared_prefix)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
+    speed      <- the FLOPs of a step, counted once before the loop, against a float32 matmul
+                  timed at the start of the run (minihires.analysis.flops): model-FLOPs
+                  utilisation, printed with samples/s and kept in metrics.json
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
