@@ -142,6 +142,13 @@ def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
                      f"{m['train_time_s']:.0f} s, {m['steps']} steps x {m['batch_size']}"
                      f"{' x ' + str(m['world_size']) + ' ranks' if m.get('world_size', 1) > 1 else ''}"
                      f"; eval {m.get('eval_time_s', 0):.0f} s)")
+    if "mfu" in m:
+        step = m.get("step_flops", m.get("step_flops_frozen", 0))
+        lines.append(f"  {'speed':<22}{m['samples_per_s']:>7.0f}  samples/s, {step / 1e9:.1f} "
+                     "GFLOP a step (forward + backward)")
+        lines.append(f"  {'utilisation (MFU)':<22}{100 * m['mfu']:>7.0f}  % ("
+                     f"{m['achieved_flop_s'] / 1e9:.1f} GFLOP/s of a 1024^2 matmul's "
+                     f"{m['matmul_peak_flop_s'] / 1e9:.1f} here)")
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@
                   with `turns` questions about it (data.conversation), packed so that each
                   sees the image but not the others (minihires.model.shared_prefix)
         loss   <- next-token cross-entropy on answer tokens; AdamW, warmup + cosine lr
+    speed      <- the FLOPs of a step, counted once before the loop, against a float32 matmul
+                  timed at the start of the run (minihires.analysis.flops): model-FLOPs
+                  utilisation, printed with samples/s and kept in metrics.json
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
@@ -47,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from minihires.analysis import flops
 from minihires.data import batches as data
 from minihires.data.entitygrid import (
     POSITIONS,
@@ -62,6 +65,7 @@ from minihires.model.tokenizer import Tokenizer
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training import evaluate as scoring
+from minihires.training.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)   # messages for the user; the command line shows them
 
@@ -313,8 +317,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     tc.validate()
     out = Path(out)
     with distributed.session(tc.device) as dd:
-        step, losses, train_time, hashes, model, model_cfg, data_cfg, tokenizer = _train_ranks(
-            tc, out, resume, stop_at, progress, dd)
+        step, losses, train_time, hashes, speed, model, model_cfg, data_cfg, tokenizer = (
+            _train_ranks(tc, out, resume, stop_at, progress, dd))
     # every rank has left the process group: rank 0 evaluates and writes alone
     rank, world, device = dd.rank, dd.world, dd.device
     if step < tc.steps or rank != 0:
@@ -338,12 +342,11 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "train_max_entities": tc.train_max_entities, "tasks": list(data_cfg.tasks),
                "whole_canvas": model_cfg.whole_canvas,
                "thumbnail_filter": model_cfg.thumbnail_filter,
-               "param_hash": param_hash(model), "rank_param_hashes": hashes}
+               "param_hash": param_hash(model), "rank_param_hashes": hashes, **speed}
     if tc.eval_n:
         t0 = time.perf_counter()
         model.eval()
-        with tqdm(total=tc.eval_n, unit="q", desc="eval", dynamic_ncols=True,
-                  disable=not progress) as ebar:
+        with progress_bar(tc.eval_n, unit="q", desc="eval", disable=not progress) as ebar:
             scores, _ = scoring.evaluate(model, tokenizer, data_cfg, tc.eval_n, tc.eval_batch_size,
                                       autocast, ebar.update)
         metrics.update(scores, eval_n=tc.eval_n, eval_time_s=time.perf_counter() - t0)
@@ -353,15 +356,18 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
 
 
 def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
-                 progress: bool, dd: "distributed.Session"):
+                 progress: bool, dd: distributed.Session):
     """The part of `train` every rank runs, inside the process group: set up, the loop, the
     last checkpoint and the check that the ranks agree. The DistributedDataParallel wrappers
     live only in this frame, so they are released before the group is destroyed.
-    -> (step, losses, train time, rank hashes, model, model config, data config, tokenizer)."""
+    -> (step, losses, train time, rank hashes, speed (`speed_metrics`), model, model config,
+    data config, tokenizer)."""
     rank, world, device = dd.rank, dd.world, dd.device
     if device.type == "cpu" and tc.threads is not None:
         torch.set_num_threads(tc.threads)
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    # this machine's limit, with these threads, in the dtype the step's matmuls run in
+    peak = flops.matmul_peak(dtype=autocast or torch.float32, device=device)
 
     state, saved_tokenizer = load_resume(out, tc, stop_at) if resume else (None, None)
     model_cfg, data_cfg, tokenizer = build(tc, saved_tokenizer)
@@ -406,24 +412,44 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
                                                                "losses": losses[-100:]})
         saved_at = step
 
+    def get_batch(step: int):
+        samples = data.train_samples(tc.seed, step, tc.batch_size, train_cfg, rank, world)
+        return data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg,
+                               tc.chat_turns).to(device)
+
+    def count_flops(step: int) -> int:
+        """FLOPs of a forward and backward on step's batch, outside the timed loop; the
+        gradients it leaves are dropped and the RNG is untouched, so training is unchanged."""
+        batch = get_batch(step)
+
+        def forward_backward():
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                _, loss = model(**batch.kwargs())
+            loss.backward()
+        total = flops.step_flops(forward_backward)[0]
+        model.zero_grad(set_to_none=True)
+        return total
+
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not progress or rank != 0, desc="train")
+    bar = progress_bar(tc.steps, initial=start, unit="step", desc="train",
+                       disable=not progress or rank != 0)
     model.train()
     step = start
+    step_flops = {}                     # FLOPs a step, counted once per phase: {frozen: FLOPs}
+    done_flops, done_time = 0, 0.0      # model FLOPs and seconds of this process's steps
     try:
         for step in range(start, end):
-            t0 = time.perf_counter()
             if not frozen and tc.freeze_vision_at is not None and step >= tc.freeze_vision_at:
                 frozen = True
                 freeze_vision(model)
                 ddp = wrap()
+            if frozen not in step_flops:
+                step_flops[frozen] = count_flops(step)
+            t0 = time.perf_counter()
             lr = lr_at(step, tc)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            samples = data.train_samples(tc.seed, step, tc.batch_size, train_cfg, rank, world)
-            batch = data.make_batch(samples, tokenizer, model_cfg, tc.turns, train_cfg,
-                                    tc.chat_turns).to(device)
+            batch = get_batch(step)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 _, loss = ddp(**batch.kwargs())
             opt.zero_grad(set_to_none=True)
@@ -439,13 +465,18 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
                     + (f", whose checkpoint in {out} is kept" if saved_at else "")
                     + ". Try a lower --lr")
             opt.step()
-            train_time += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            train_time += seconds
+            done_time += seconds
+            done_flops += step_flops[frozen]
             losses.append(value)
             if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 save(step + 1)
-            bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{lr:.1e}",
-                            samples_s=f"{(step + 1 - start) * tc.batch_size * world / train_time:.0f}")
+                            samples_s=f"{(step + 1 - start) * tc.batch_size * world / done_time:.0f}",
+                            mfu=f"{flops.utilisation(done_flops, done_time, peak):.0%}",
+                            refresh=False)
+            bar.update(1)
         step = end
     except KeyboardInterrupt:
         bar.close()
@@ -463,4 +494,23 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
         if len(set(hashes)) != 1:
             raise RuntimeError(f"ranks diverged: parameter hashes {hashes}")
     del ddp
-    return step, losses, train_time, hashes, model, model_cfg, data_cfg, tokenizer
+    speed = speed_metrics(step_flops, done_flops, done_time, peak,
+                          (step - start) * tc.batch_size * world)
+    return step, losses, train_time, hashes, speed, model, model_cfg, data_cfg, tokenizer
+
+
+def speed_metrics(step_flops: dict[bool, int], done_flops: int, done_time: float, peak: float,
+                  samples: int) -> dict:
+    """The speed fields of metrics.json, over the steps this process ran (a resumed run: those
+    since the resume): samples/s, model FLOPs a step (forward + backward, per rank;
+    `step_flops_frozen` after --freeze-vision-at), achieved FLOP/s, the float32 matmul peak
+    measured at the start of the run, and their ratio `mfu` (minihires.analysis.flops)."""
+    if not done_time:
+        return {}
+    out = {"samples_per_s": samples / done_time, "achieved_flop_s": done_flops / done_time,
+           "matmul_peak_flop_s": peak, "mfu": flops.utilisation(done_flops, done_time, peak)}
+    if False in step_flops:
+        out["step_flops"] = step_flops[False]
+    if True in step_flops:
+        out["step_flops_frozen"] = step_flops[True]
+    return out
