@@ -25,6 +25,7 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
                  "warmup_ratio", "fsdp", "grad_checkpointing", "workers")
+_RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
 _PATHS = ("data", "image_folder", "tokenizer", "init_from_llava")
 
 
@@ -125,7 +126,8 @@ def cli_train(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None
+                 and k not in _RESHAPE]
         if given or args.out is not None:
             p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
         with user_input("--resume: "):
@@ -135,6 +137,12 @@ def cli_train(argv: list[str]) -> int:
             saved.setdefault("span_words", False)    # and ended every piece at a space
             saved.update({k: getattr(args, k) for k in ("device", "threads")
                           if getattr(args, k) is not None})
+            reshape = {k: getattr(args, k) for k in _RESHAPE if getattr(args, k) is not None}
+            if reshape and saved.get("data") is None:
+                raise ValueError("--batch-size and --grad-accum can change on --resume only "
+                                 "for a --data run (to keep its global batch on another "
+                                 "number of processes)")
+            saved.update(reshape)
             try:
                 tc = TrainConfig(**saved)
             except TypeError as e:
@@ -164,6 +172,13 @@ def cli_train(argv: list[str]) -> int:
                 load_resume(out, tc, args.stop_at)     # every check, before any rank starts
             else:
                 progress = read_progress(out)
+                world = distributed.environment()[1]
+                want = (progress or {}).get("global_batch")
+                if want is not None and tc.batch_size * tc.grad_accum * world != want:
+                    raise ValueError(
+                        f"the run's global batch is {want} rows; on {world} rank(s) pass "
+                        f"--batch-size and --grad-accum whose product is {want / world:g} "
+                        f"(now {tc.batch_size} x {tc.grad_accum})")
                 if progress is not None and args.stop_at is not None \
                         and args.stop_at < progress["step"]:
                     raise ValueError(f"--stop-at {args.stop_at} is below the step of the run's "

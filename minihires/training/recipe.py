@@ -62,8 +62,9 @@ def trainable(name: str, stage: str, train_vision: bool = False) -> bool:
 def set_stage(model: torch.nn.Module, stage: str, train_vision: bool = False) -> None:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable(name, stage, train_vision))
+    for name, p in model.named_parameters():   # what the model froze itself (the ViT's
+        p.requires_grad_(p.requires_grad and trainable(name, stage, train_vision))  # unused
+                                                  # tail) stays frozen
 
 
 def resolve(tc, rows: int) -> object:
@@ -154,7 +155,19 @@ def _ranks(tc, out: Path, resume: bool, stop_at, progress: bool, dd):
             model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
     opt = make_optimizer(model, tc)
     start, train_time, losses = 0, 0.0, []
+    global_batch = tc.batch_size * tc.grad_accum * world
     if state is not None:
+        if state.get("global_batch", global_batch) != global_batch:
+            raise ValueError(
+                f"{out}: the run's global batch is {state['global_batch']} rows, this resume's "
+                f"{tc.batch_size} x {tc.grad_accum} x {world} rank(s) = {global_batch}; pass "
+                "--batch-size and --grad-accum so that their product x ranks is "
+                f"{state['global_batch']}")
+        if rank == 0:                      # batch-size / grad-accum may change with the world
+            config = ckpt.load_config(out)
+            ckpt.write_json(out / ckpt.CONFIG, {"model": config[0].to_dict(),
+                                                "train": dataclasses.asdict(tc),
+                                                "data": dataclasses.asdict(config[2])})
         fsdp.load(out, model, opt, state)
         start, train_time, losses = state["step"], state["train_time_s"], state["losses"]
 
@@ -164,8 +177,8 @@ def _ranks(tc, out: Path, resume: bool, stop_at, progress: bool, dd):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save(step: int) -> None:
-        fsdp.save(out, model, opt, step, {"train_time_s": train_time, "losses": losses},
-                  rank)
+        fsdp.save(out, model, opt, step, {"train_time_s": train_time, "losses": losses,
+                                          "world": world, "global_batch": global_batch}, rank)
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
