@@ -11,16 +11,22 @@ from minihires.cli.entitygrid import cli_entitygrid
 from minihires.data.entitygrid import EntityGridConfig, question_texts
 from minihires.model.tokenizer import Tokenizer
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              image_size=32, patch_size=8)
-TEXT = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+TEXT = {"vocab_size": 160, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def hf_folders(root: Path) -> tuple[Path, Path, Path]:
     """(CLIP vision folder, LLaMA folder with tokenizer.model, LLaVA-1.5 folder)."""
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                              LlavaConfig, LlavaForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
     torch.manual_seed(0)
     tok = Tokenizer.train(question_texts(EntityGridConfig()), 150, span_words=True)
     vision, llm, llava = root / "clip", root / "llama", root / "llava"

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from llava_fixtures import export, hf_folders  # noqa: E402
+from llava_fixtures import export, hf_folders
 
-from minihires.cli.train import cli_train  # noqa: E402
-from minihires.training import checkpoint as ckpt  # noqa: E402
+from minihires.cli.train import cli_train
+from minihires.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -46,7 +46,8 @@ def torchrun(cwd: Path, *args: str) -> None:
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "minihires", "train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -79,5 +80,5 @@ def test_fsdp_two_ranks_match_one_process_and_resume(setup):
     assert losses(root / "cut1") == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
 
     # the gathered weights load as eval and ask load them
-    model, tok, cfg = ckpt.load_run(two)
+    _, tok, cfg = ckpt.load_run(two)
     assert cfg["train"]["fsdp"] and tok.vocab_size > 0

@@ -9,6 +9,7 @@ import torch
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.data.entitygrid import TASKS, EntityGridConfig
+from minihires.data.llava import BadData
 from minihires.model.config import COMPRESSIONS, PRESETS, THUMBNAIL_FILTERS
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
@@ -213,7 +214,7 @@ def cli_train(argv: list[str]) -> int:
                         progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
-    except Diverged as e:
+    except (Diverged, BadData) as e:
         raise UserError(str(e)) from e
     if metrics is not None and tc.data is not None:
         print(f"trained {metrics['steps']} steps, global batch {metrics['global_batch']} rows, "

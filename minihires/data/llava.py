@@ -51,6 +51,10 @@ _CHUNK = 1 << 20                 # bytes read at a time
 MAX_ROW_CHARS = 64 << 20         # a row longer than this is an error (not a conversation)
 
 
+
+class BadData(ValueError):
+    """A data file or row that cannot be read (the command line reports it as `error: ...`)."""
+
 # ----------------------------------------------------------------------------- the JSON array
 
 def rows(path: str | os.PathLike) -> Iterator[object]:
@@ -114,6 +118,13 @@ def rows(path: str | os.PathLike) -> Iterator[object]:
 
 
 # ----------------------------------------------------------------------------- one row
+
+def _rows(path):
+    try:
+        yield from rows(path)
+    except ValueError as e:
+        raise BadData(str(e)) from None
+
 
 def row_name(row, index: int) -> str:
     rid = row.get("id") if isinstance(row, dict) else None
@@ -253,20 +264,20 @@ class LlavaStream(IterableDataset):
         """This rank's good examples, epoch after epoch."""
         while True:
             found = False
-            for i, row in enumerate(rows(self.path)):
+            for i, row in enumerate(_rows(self.path)):
                 if i % self.world != self.rank:
                     continue
                 try:
                     ex = self.example(row, i)
                 except ValueError as e:
                     if not self.skip_bad:
-                        raise ValueError(f"{self.path}: {e} (--skip-bad-rows skips such rows)") from None
+                        raise BadData(f"{self.path}: {e} (--skip-bad-rows skips such rows)") from None
                     self.skipped += 1
                     continue
                 found = True
                 yield ex
             if not found:
-                raise ValueError(f"{self.path}: rank {self.rank} of {self.world} found no usable "
+                raise BadData(f"{self.path}: rank {self.rank} of {self.world} found no usable "
                                  "row (the file has fewer rows than ranks, or all are bad)")
 
     def __iter__(self) -> Iterator[Batch]:
