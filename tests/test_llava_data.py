@@ -179,3 +179,22 @@ def test_export_through_data_matches_the_built_in_stream(tmp_path):
     built_in = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)["losses"]
     through_data = json.loads((tmp_path / "b" / "train_state.json").read_text())["losses"]
     assert through_data == pytest.approx(built_in, rel=1e-5)
+
+
+def test_eval_data_scores_the_export_as_the_test_split(trained_run, tmp_path, capsys):
+    """`eval RUN --data` on the exported test split gives the test split's accuracy."""
+    from minihires.cli.entitygrid import cli_entitygrid
+    from minihires.cli.eval import cli_eval
+    from minihires.training import checkpoint as ckpt
+    from minihires.training import evaluate as scoring
+    assert cli_entitygrid(["--split", "test", "--n", "9", "--format", "llava",
+                           "--out", str(tmp_path / "t")]) == 0
+    model, tok, cfg = ckpt.load_run(trained_run)
+    ours = scoring.evaluate_llava(model, tok, tmp_path / "t" / "llava.json", tmp_path / "t",
+                                  batch_size=4, max_new_tokens=8)
+    split, _ = scoring.evaluate(model, tok, cfg["data"], 9, 4)
+    assert ours["n"] == 9 and ours["accuracy"] == pytest.approx(split["accuracy"])
+    capsys.readouterr()
+    assert cli_eval([str(trained_run), "--data", str(tmp_path / "t" / "llava.json"),
+                     "--image-folder", str(tmp_path / "t"), "--threads", "1"]) == 0
+    assert f"{ours['accuracy']:5.1f}" in capsys.readouterr().out
