@@ -83,3 +83,19 @@ def test_paper_stage2_fits_8x80gb():
                               grad_checkpointing=False, fsdp=True)
     assert no_ckpt["activations_gb"] > 4 * est["activations_gb"]
     assert "fits" in memory.format_estimate(est)
+
+
+def test_stage2_starts_from_a_stage1_run(folders, tmp_path):
+    root, vision, llm, _, data = folders
+    common = ["--data", str(data), "--image-folder", str(root / "eg"), "--steps", "1",
+              "--batch-size", "2", "--quiet", "--threads", "1"]
+    assert cli_train([*common, "--init-from-hf", str(vision), str(llm), "--stage", "pretrain",
+                      "--out", str(tmp_path / "s1")]) == 0
+    assert cli_train([*common, "--init-from-run", str(tmp_path / "s1"), "--stage", "finetune",
+                      "--lr", "2e-5", "--weight-decay", "0", "--min-lr-ratio", "0",
+                      "--out", str(tmp_path / "s2")]) == 0
+    tc = TrainConfig(data=str(data), image_folder=str(root / "eg"),
+                     init_from_run=str(tmp_path / "s1"), stage="finetune")
+    start, _ = recipe.build_model(tc, tmp_path / "s2", resume=False)
+    s1 = load_file(tmp_path / "s1" / "model.safetensors")
+    assert all(torch.equal(v, s1[k]) for k, v in start.state_dict().items())

@@ -25,9 +25,10 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "warmup_steps", "ckpt_every",
                  "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
-                 "warmup_ratio", "fsdp", "grad_checkpointing", "workers")
+                 "warmup_ratio", "fsdp", "grad_checkpointing", "workers", "init_from_run",
+                 "weight_decay", "min_lr_ratio")
 _RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
-_PATHS = ("data", "image_folder", "tokenizer", "init_from_llava")
+_PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run")
 
 
 @command
@@ -101,6 +102,12 @@ def cli_train(argv: list[str]) -> int:
                    help="CLIP vision + LLaMA/Vicuna folders; fresh SRA, sampler, projector")
     r.add_argument("--init-from-llava", metavar="DIR", default=None,
                    help="a LLaVA-1.5 folder; fresh SRA and sampler")
+    r.add_argument("--init-from-run", metavar="RUN_DIR", default=None,
+                   help="a run folder's weights and tokenizer (stage 2 from stage 1)")
+    r.add_argument("--weight-decay", type=float, default=None,
+                   help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    r.add_argument("--min-lr-ratio", type=float, default=None,
+                   help=f"the cosine ends at lr x this (default {d.min_lr_ratio})")
     r.add_argument("--stage", choices=("full", "pretrain", "finetune"), default=None,
                    help="pretrain: SRA, sampler, projector, image embeddings only; finetune: "
                         "also the LLM; full: everything (default)")

@@ -100,6 +100,8 @@ def build_model(tc, out: Path, resume: bool) -> tuple[HiResLLaVA, Tokenizer]:
         if tokenizer.image_id != model.cfg.image_token_index:
             raise ValueError(f"{tc.init_from_llava}: the tokenizer's <image> id is "
                              f"{tokenizer.image_id}, config.json's {model.cfg.image_token_index}")
+    elif tc.init_from_run:                     # stage 2 from stage 1's run folder
+        model, tokenizer, _ = ckpt.load_run(tc.init_from_run)
     else:
         tokenizer = (ckpt.load_tokenizer(tc.tokenizer) if tc.tokenizer else
                      Tokenizer.train(llava.texts(tc.data), tc.vocab_size,

@@ -110,6 +110,7 @@ class TrainConfig:
     tokenizer: str | None = None          # a tokenizer.model for a model from scratch
     init_from_hf: list[str] | None = None  # [CLIP vision folder, LLaMA folder]
     init_from_llava: str | None = None    # a LLaVA-1.5 folder
+    init_from_run: str | None = None      # a run folder (stage 1 -> stage 2)
     stage: str = "full"                   # full, pretrain or finetune (recipe.set_stage)
     train_vision: bool = False            # finetune: the ViT encoder trains too
     grad_accum: int = 1                   # micro-batches per optimizer step
@@ -179,7 +180,7 @@ class TrainConfig:
     def _validate_data(self, need, is_int, is_num) -> None:
         """The real-model fields: they need `data`; files and folders exist."""
         from minihires.training.recipe import STAGES
-        for name in ("data", "image_folder", "tokenizer", "init_from_llava"):
+        for name in ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run"):
             need(lambda v: v is None or isinstance(v, str) and v, name, "a path or None")
         need(lambda v: v is None or (isinstance(v, list) and len(v) == 2
                                      and all(isinstance(x, str) for x in v)),
@@ -194,7 +195,7 @@ class TrainConfig:
             need(lambda v: isinstance(v, bool), name, "true or false")
         if self.data is None:
             given = [n for n in ("image_folder", "tokenizer", "init_from_hf", "init_from_llava",
-                                 "epochs", "warmup_ratio")
+                                 "init_from_run", "epochs", "warmup_ratio")
                      if getattr(self, n) is not None]
             given += [n for n in ("skip_bad_rows", "train_vision", "fsdp", "grad_checkpointing")
                       if getattr(self, n)]
@@ -211,9 +212,13 @@ class TrainConfig:
             raise ValueError(f"image_folder {self.image_folder} does not exist (or is not a folder)")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer {self.tokenizer} does not exist (or is not a file)")
-        if self.init_from_hf is not None and self.init_from_llava is not None:
-            raise ValueError("init_from_hf and init_from_llava exclude each other")
-        if self.tokenizer is not None and (self.init_from_hf or self.init_from_llava):
+        if sum(x is not None for x in (self.init_from_hf, self.init_from_llava,
+                                       self.init_from_run)) > 1:
+            raise ValueError("init_from_hf, init_from_llava and init_from_run exclude each other")
+        if self.init_from_run is not None and not (Path(self.init_from_run) / "config.json").is_file():
+            raise ValueError(f"init_from_run {self.init_from_run} is not a run folder")
+        if self.tokenizer is not None and (self.init_from_hf or self.init_from_llava
+                                           or self.init_from_run):
             raise ValueError("tokenizer is for a model from scratch; an initialised model "
                              "uses its LLM folder's tokenizer.model")
         for folder in (self.init_from_hf or []) + [self.init_from_llava or ""]:
