@@ -21,6 +21,7 @@ COMMANDS = {
     "entitygrid": ("minihires.cli.entitygrid", "export EntityGrid-QA images and questions"),
     "ablate": ("minihires.cli.ablate", "train the ablation variants and print their table"),
     "tokens": ("minihires.cli.tokens", "visual-token and FLOP budget per image size"),
+    "memory": ("minihires.cli.memory", "GPU memory per rank for a training stage (estimate)"),
     "bench": ("minihires.cli.bench", "kernel benchmarks: stitch, window_attn_pool"),
 }
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from minihires.cli.errors import ArgumentParser, command, user_input
+from minihires.data import llava
+from minihires.data.batches import conversation
 from minihires.data.entitygrid import (
     EXPORT_QUESTIONS,
     MAX_CANVAS_PIXELS,
@@ -20,8 +22,12 @@ from minihires.data.entitygrid import (
     remove_export,
     sample,
     stream,
+    question_texts,
     test_seeds,
 )
+from minihires.model.tokenizer import Tokenizer
+
+LLAVA_JSON = "llava.json"
 
 
 @command
@@ -40,6 +46,16 @@ def cli_entitygrid(argv: list[str]) -> int:
     p.add_argument("--tasks", default=",".join(EntityGridConfig.tasks),
                    help=f"comma-separated tasks from {','.join(TASKS)} "
                         f"(default {','.join(EntityGridConfig.tasks)})")
+    p.add_argument("--format", choices=("questions", "llava"), default="questions",
+                   help="questions: questions.jsonl only (default); llava: also llava.json "
+                        "(LLaVA's conversation format, for `train --data` / `eval --data`) "
+                        "and the benchmark's tokenizer.model")
+    p.add_argument("--turns", type=int, default=1,
+                   help="llava format: questions per image, as `train --turns` draws them "
+                        "(default 1)")
+    p.add_argument("--vocab-size", type=int, default=256,
+                   help="llava format: the tokenizer's pieces, as `train --vocab-size` "
+                        "(default 256)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing export (its files only) in --out")
     args = p.parse_args(argv)
@@ -78,15 +94,40 @@ def cli_entitygrid(argv: list[str]) -> int:
         if i % step == 0 or i == args.n:
             print(f"  {i}/{args.n}", flush=True)
 
+    if args.turns < 1:
+        p.error(f"--turns must be >= 1, got {args.turns}")
     tasks, on_seam, total = dict.fromkeys(cfg.tasks, 0), 0, 0
-    with user_input(f"--out {out}: "):                # e.g. the disk or the folder is full
-        for r in _export(samples, out, cfg, progress):
+    current: list = []
+
+    def tap(it):                                       # the sample behind each record
+        for s in it:
+            current[:] = [s]
+            yield s
+
+    def records():
+        nonlocal on_seam, total
+        for r in _export(tap(samples), out, cfg, progress):
             tasks[r["task"]] += 1
             on_seam += r["on_seam"]
             total += 1
+            yield r
+
+    with user_input(f"--out {out}: "):                # e.g. the disk or the folder is full
+        if args.format == "llava":
+            llava.write_json_rows(out / LLAVA_JSON, (
+                llava.entitygrid_row(i, r["image"], conversation(current[0], args.turns, cfg),
+                                     task=r["task"], on_seam=r["on_seam"], seed=r["seed"])
+                for i, r in enumerate(records())))
+            Tokenizer.train(question_texts(cfg), args.vocab_size,
+                            span_words=True).save(out / "tokenizer.model")
+        else:
+            for _ in records():
+                pass
     print("per task: " + ", ".join(f"{t} {tasks[t]}" for t in cfg.tasks))
     print(f"on seam: {on_seam}/{total} ({100.0 * on_seam / total:.1f}%)")
-    print(f"wrote {out / EXPORT_QUESTIONS} and {total} images in {out / 'images'}")
+    print(f"wrote {out / EXPORT_QUESTIONS} and {total} images in {out / 'images'}"
+          + (f"; {out / LLAVA_JSON} and {out / 'tokenizer.model'}" if args.format == "llava"
+             else ""))
     return 0
 
 

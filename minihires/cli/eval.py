@@ -16,7 +16,13 @@ import time
 import torch
 
 from minihires.analysis import probe
-from minihires.cli.errors import ArgumentParser, check_device, command, user_input
+from minihires.cli.errors import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    command,
+    user_input,
+)
 from minihires.data import batches as data
 from minihires.data.entitygrid import TEST_SEED_SPAN
 from minihires.training import checkpoint as ckpt
@@ -42,8 +48,16 @@ def cli_eval(argv: list[str]) -> int:
                    help="also print, per LLM layer and head, the attention from the answer "
                         "position to the asked entity and to the other one (two-entity "
                         "recognition and position questions; minihires.probe)")
+    p.add_argument("--data", metavar="FILE.json", default=None,
+                   help="score a LLaVA-format question file instead of the test split (each "
+                        "row's first question; exact match and normalised accuracy)")
+    p.add_argument("--image-folder", metavar="DIR", default=None,
+                   help="the root of --data's image paths")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="with --data (default 32)")
     args = p.parse_args(argv)
     check_device(args.device)
+    if args.data is not None:
+        return _eval_data(args)
     if args.n is not None and not 1 <= args.n <= TEST_SEED_SPAN:
         p.error(f"--n must be in 1..{TEST_SEED_SPAN} (the test split's size), got {args.n}")
     if args.batch_size < 1:
@@ -90,5 +104,31 @@ def cli_eval(argv: list[str]) -> int:
                 total / count, f"attention mass from the answer position, {task}, two entities "
                                f"(n={count}): tokens covering only the asked entity vs only "
                                "the other"))
+    print(f"  eval time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _eval_data(args) -> int:
+    """`eval RUN --data FILE.json --image-folder DIR`: a LLaVA-format question file."""
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.device == "cpu" and args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with user_input():
+        model, tokenizer, _ = ckpt.load_run(args.run_dir, args.device)
+    autocast = torch.bfloat16 if model.language_model.embed_tokens.weight.is_cuda else None
+    t0 = time.perf_counter()
+    with user_input("--data: "):
+        s = scoring.evaluate_llava(model, tokenizer, args.data, args.image_folder,
+                                   args.batch_size, args.max_new_tokens, autocast, args.n)
+    print(f"{args.data} ({args.run_dir}), n={s['n']}"
+          + (f", {s['skipped_text_only']} text-only rows not asked" if s["skipped_text_only"]
+             else ""))
+    print(f"  accuracy (normalised)  {s['accuracy']:5.1f}\n  exact match            "
+          f"{s['exact_match']:5.1f}")
+    for task, acc in s["tasks"].items():
+        print(f"  {task:<22} {acc:5.1f}")
     print(f"  eval time {time.perf_counter() - t0:.1f} s")
     return 0

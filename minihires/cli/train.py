@@ -9,10 +9,12 @@ import torch
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.data.entitygrid import TASKS, EntityGridConfig
+from minihires.data.llava import BadData
 from minihires.model.config import COMPRESSIONS, PRESETS, THUMBNAIL_FILTERS
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training.evaluate import results_table
+from minihires.training.fsdp import read_progress
 from minihires.training.train import Diverged, TrainConfig, load_resume, train
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
@@ -20,7 +22,13 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
                  "whole_canvas", "thumbnail_filter", "tasks",
-                 "warmup_steps", "ckpt_every")
+                 "warmup_steps", "ckpt_every",
+                 "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
+                 "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
+                 "warmup_ratio", "fsdp", "grad_checkpointing", "workers", "init_from_run",
+                 "weight_decay", "min_lr_ratio")
+_RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
+_PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run")
 
 
 @command
@@ -78,6 +86,46 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
                    metavar="T1,T2,...", help=f"EntityGrid-QA tasks from {','.join(TASKS)} "
                    f"(default: {','.join(EntityGridConfig().tasks)})")
+    r = p.add_argument_group("the real model (recipes/README.md): LLaVA-format data, "
+                             "initialisation, the two stages, FSDP2")
+    r.add_argument("--data", metavar="FILE.json", default=None,
+                   help="train on a LLaVA-format conversation file instead of the built-in "
+                        "EntityGrid-QA stream")
+    r.add_argument("--image-folder", metavar="DIR", default=None,
+                   help="the root the rows' image paths are relative to")
+    r.add_argument("--skip-bad-rows", dest="skip_bad_rows", action="store_const", const=True,
+                   help="skip and count malformed rows (default: a malformed row is an error)")
+    r.add_argument("--tokenizer", metavar="FILE", default=None,
+                   help="a tokenizer.model for a model from scratch (default: trained on "
+                        "--data's texts)")
+    r.add_argument("--init-from-hf", nargs=2, metavar=("VISION_DIR", "LLM_DIR"), default=None,
+                   help="CLIP vision + LLaMA/Vicuna folders; fresh SRA, sampler, projector")
+    r.add_argument("--init-from-llava", metavar="DIR", default=None,
+                   help="a LLaVA-1.5 folder; fresh SRA and sampler")
+    r.add_argument("--init-from-run", metavar="RUN_DIR", default=None,
+                   help="a run folder's weights and tokenizer (stage 2 from stage 1)")
+    r.add_argument("--weight-decay", type=float, default=None,
+                   help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    r.add_argument("--min-lr-ratio", type=float, default=None,
+                   help=f"the cosine ends at lr x this (default {d.min_lr_ratio})")
+    r.add_argument("--stage", choices=("full", "pretrain", "finetune"), default=None,
+                   help="pretrain: SRA, sampler, projector, image embeddings only; finetune: "
+                        "also the LLM; full: everything (default)")
+    r.add_argument("--train-vision", dest="train_vision", action="store_const", const=True,
+                   help="finetune: train the ViT encoder too")
+    r.add_argument("--grad-accum", type=int, default=None, metavar="N",
+                   help="micro-batches per step: global batch = batch-size x N x ranks")
+    r.add_argument("--epochs", type=float, default=None,
+                   help="set --steps from the file's rows and the global batch")
+    r.add_argument("--warmup-ratio", type=float, default=None,
+                   help="set --warmup-steps as this fraction of the steps (LLaVA: 0.03)")
+    r.add_argument("--fsdp", dest="fsdp", action="store_const", const=True,
+                   help="under torchrun: FSDP2 (fully_shard per block; bf16 on GPU) instead "
+                        "of DDP; checkpoints are sharded (DCP)")
+    r.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const",
+                   const=True, help="recompute each block's activations in the backward")
+    r.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default 0)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run with its saved configuration")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -86,7 +134,8 @@ def cli_train(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in _CONFIG_FLAGS if getattr(args, k) is not None
+                 and k not in _RESHAPE]
         if given or args.out is not None:
             p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
         with user_input("--resume: "):
@@ -96,13 +145,25 @@ def cli_train(argv: list[str]) -> int:
             saved.setdefault("span_words", False)    # and ended every piece at a space
             saved.update({k: getattr(args, k) for k in ("device", "threads")
                           if getattr(args, k) is not None})
+            reshape = {k: getattr(args, k) for k in _RESHAPE if getattr(args, k) is not None}
+            if reshape and saved.get("data") is None:
+                raise ValueError("--batch-size and --grad-accum can change on --resume only "
+                                 "for a --data run (to keep its global batch on another "
+                                 "number of processes)")
+            saved.update(reshape)
             try:
                 tc = TrainConfig(**saved)
             except TypeError as e:
                 raise ValueError(f"{out / ckpt.CONFIG}: train section: {e}") from None
     else:
-        tc = TrainConfig(**{k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
-                            if getattr(args, k) is not None})
+        given = {k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
+                 if getattr(args, k) is not None}
+        for k in _PATHS:                         # absolute: a resume may start elsewhere
+            if k in given:
+                given[k] = os.path.abspath(given[k])
+        if "init_from_hf" in given:
+            given["init_from_hf"] = [os.path.abspath(f) for f in given["init_from_hf"]]
+        tc = TrainConfig(**given)
     try:
         tc.validate()
     except ValueError as e:                 # name the flag, or the file the value came from
@@ -115,14 +176,34 @@ def cli_train(argv: list[str]) -> int:
     rank = distributed.environment()[0]
     if args.resume is not None:
         with user_input("--resume: "):
-            load_resume(out, tc, args.stop_at)         # every check, before any rank starts
+            if tc.data is None:
+                load_resume(out, tc, args.stop_at)     # every check, before any rank starts
+            else:
+                progress = read_progress(out)
+                world = distributed.environment()[1]
+                want = (progress or {}).get("global_batch")
+                if want is not None and tc.batch_size * tc.grad_accum * world != want:
+                    raise ValueError(
+                        f"the run's global batch is {want} rows; on {world} rank(s) pass "
+                        f"--batch-size and --grad-accum whose product is {want / world:g} "
+                        f"(now {tc.batch_size} x {tc.grad_accum})")
+                if progress is not None and args.stop_at is not None \
+                        and args.stop_at < progress["step"]:
+                    raise ValueError(f"--stop-at {args.stop_at} is below the step of the run's "
+                                     f"checkpoint ({progress['step']})")
     elif rank == 0:                                    # only rank 0 writes the folder
         with user_input():
             out = ckpt.claim_run_dir(args.out)
     else:
         out = Path(args.out or "runs")                 # not written by this rank
 
-    if rank == 0:
+    if rank == 0 and tc.data is not None:
+        print(f"minihires train: --data {tc.data}, stage {tc.stage}, "
+              f"{'epochs ' + str(tc.epochs) if tc.epochs else str(tc.steps) + ' steps'} x "
+              f"{tc.batch_size} rows x {tc.grad_accum} micro-batches x "
+              f"{distributed.environment()[1]} rank(s), lr {tc.lr}, seed {tc.seed}, "
+              f"{'FSDP2' if tc.fsdp else 'DDP'}, device {tc.device} -> {out}")
+    elif rank == 0:
         model_cfg = tc.model_config()
         print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
               f"x {tc.turns} questions{' (one conversation)' if tc.chat_turns else ''}, "
@@ -140,9 +221,14 @@ def cli_train(argv: list[str]) -> int:
                         progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
-    except Diverged as e:
+    except (Diverged, BadData) as e:
         raise UserError(str(e)) from e
-    if metrics is not None:
+    if metrics is not None and tc.data is not None:
+        print(f"trained {metrics['steps']} steps, global batch {metrics['global_batch']} rows, "
+              f"final loss {metrics['final_loss']:.4f}, {metrics['train_time_s']:.1f} s; "
+              f"score with `python -m minihires eval {out} --data FILE.json --image-folder DIR`")
+        print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
+    elif metrics is not None:
         print(results_table(metrics))
         print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
     return 0

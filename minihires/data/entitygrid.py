@@ -426,7 +426,7 @@ def remove_export(folder) -> int:
     """Delete the files an export wrote in `folder` (questions.jsonl, config.json,
     images/NNNNNN.png, and images/ if that leaves it empty), nothing else; -> files removed."""
     folder, n = Path(folder), 0
-    for name in (EXPORT_QUESTIONS, EXPORT_CONFIG):
+    for name in (EXPORT_QUESTIONS, EXPORT_CONFIG, "llava.json", "tokenizer.model"):
         if (folder / name).is_file():
             (folder / name).unlink()
             n += 1

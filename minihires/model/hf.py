@@ -4,6 +4,7 @@
     LlamaForCausalLM (LLaMA, Vicuna; GQA; tied or untied head)             -> Llama
     LlavaForConditionalGeneration (LLaVA-1.5)                               -> HiResLLaVA, mode "llava15"
     a CLIP folder + a LLaMA folder + fresh SRA / SMS / projector            -> HiResLLaVA (to train)
+    a LLaVA-1.5 folder + fresh SRA / SMS / image embeddings                 -> HiResLLaVA (to train)
 
 Only local folders are read (`config.json` + `model.safetensors` or a sharded
 `model.safetensors.index.json`); nothing is ever downloaded. Loading is strict: every
@@ -484,7 +485,32 @@ def hires_from_hf(vit_dir, llm_dir, cfg: ModelConfig | None = None,
     return model.train()
 
 
-def _init_fresh(model: HiResLLaVA, dtype: torch.dtype, device) -> None:
+def hires_from_llava(folder, cfg: ModelConfig | None = None,
+                     dtype: torch.dtype = torch.float32, device="cpu") -> HiResLLaVA:
+    """HiRes-LLaVA initialised from a LLaVA-1.5 folder: its ViT, projector and LLM; fresh SRA,
+    sampler and image embeddings (SRA the identity, the sampler average pooling at the start).
+
+    cfg: the template for what the checkpoint does not fix (as `hires_from_hf`); default
+    `paper()`. The tokenizer is the folder's (`load_tokenizer`)."""
+    cfg = paper() if cfg is None else cfg
+    llava = llava_config(read_config(folder))
+    vit = dataclasses.replace(llava.vit, sra_layers=tuple(cfg.vit.sra_layers))
+    cfg = dataclasses.replace(cfg, vit=vit, llama=llava.llama, mode="hires",
+                              image_token_index=llava.image_token_index)
+    model = _meta(lambda: HiResLLaVA(cfg), f"{folder}/config.json")
+    targets = model.state_dict(keep_vars=True)
+    tied = ({"language_model.lm_head.weight": "language_model.embed_tokens.weight"}
+            if cfg.llama.tie_word_embeddings else None)
+    copies, compares = _plan(folder, targets, LLAVA_KEYS, tied=tied)
+    fresh = ("vision_tower.sra.", "sampler.", *HiResLLaVA.IMAGE_EMBEDDINGS)
+    _check_complete(targets, copies, f"checkpoint {folder}", fresh)
+    model = _allocate(model, dtype, device)
+    _copy(copies, compares, model.state_dict(keep_vars=True))
+    _init_fresh(model, dtype, device, projector=False)
+    return model.train()
+
+
+def _init_fresh(model: HiResLLaVA, dtype: torch.dtype, device, projector: bool = True) -> None:
     """Rebuild the parts no checkpoint fills, with the same constructors HiResLLaVA uses."""
     cfg = model.cfg
     Dv, Dl = cfg.vit.hidden_size, cfg.llama.hidden_size
@@ -493,7 +519,8 @@ def _init_fresh(model: HiResLLaVA, dtype: torch.dtype, device) -> None:
             model.vision_tower.sra[name] = SliceRestore(Dv, cfg.sra, eps=cfg.vit.layer_norm_eps)
         if hasattr(model, "sampler"):
             model.sampler = build_sampler(cfg.compression, Dv, cfg.sms)
-        model.multi_modal_projector = MultiModalProjector(Dv, Dl)
+        if projector:
+            model.multi_modal_projector = MultiModalProjector(Dv, Dl)
         model.init_image_embeddings()
     model.to(dtype)
 

@@ -211,16 +211,17 @@ class HiResLLaVA(nn.Module):
         real = mask.bool()
         is_img = (input_ids == image_token_id) & real                   # (B, T)
         count = is_img.sum(1)
-        bad = (count != 1).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"input_ids must hold exactly one <image> token (id {image_token_id}) "
-                             f"per row; rows {bad} hold {count[bad].tolist()}")
         if len(image_embeds) != B:
             raise ValueError(f"got {len(image_embeds)} images for {B} text rows")
         n_img = torch.tensor([e.shape[0] for e in image_embeds], device=dev)  # (B,)
+        # one <image> per row; a text-only row (no <image>) takes an empty image [0, Dl]
+        bad = ((count > 1) | ((count == 0) & (n_img > 0))).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"input_ids must hold exactly one <image> token (id {image_token_id}) "
+                             f"per row with an image; rows {bad} hold {count[bad].tolist()}")
         rank = real.long().cumsum(1) - 1                                # (B, T) index among real tokens
         p = (rank * is_img).sum(1)                                      # (B,) rank of <image>
-        lengths = real.sum(1) - 1 + n_img                               # (B,) spliced lengths
+        lengths = real.sum(1) - count + n_img                           # (B,) spliced lengths
         L = int(lengths.max())
         max_pos = self.cfg.llama.max_position_embeddings
         if L > max_pos:
@@ -229,7 +230,8 @@ class HiResLLaVA(nn.Module):
         offset = (L - lengths) if padding_side == "left" else torch.zeros_like(lengths)  # (B,)
         # destination of each kept text token and of each image token, as flat indices into B*L
         keep = real & ~is_img
-        text_pos = rank + torch.where(rank > p[:, None], n_img[:, None] - 1, 0) + offset[:, None]
+        after = (rank > p[:, None]) & (count[:, None] > 0)             # text after the <image>
+        text_pos = rank + torch.where(after, n_img[:, None] - 1, 0) + offset[:, None]
         row = torch.arange(B, device=dev)[:, None].expand(B, T)
         text_dst = (row * L + text_pos)[keep]                           # (n_text,)
         img_row = torch.repeat_interleave(torch.arange(B, device=dev), n_img)  # (sum n_img,) image of each
@@ -266,11 +268,14 @@ class HiResLLaVA(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                 grids: Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, image_token_id: int | None = None,
-                segment_ids: torch.Tensor | None = None):
-        """-> (logits [B, L, V], loss or None). Loss: next-token cross-entropy on labels != -100.
-        segment_ids [B, T]: questions packed after the image prompt (`Batch.segment_ids`)."""
+                segment_ids: torch.Tensor | None = None, reduction: str = "mean"):
+        """-> (logits [B, L, V], loss or None). Loss: next-token cross-entropy on labels != -100,
+        their mean, or with reduction="sum" their sum (the trainer divides by a global count).
+        segment_ids [B, T]: questions packed after the image prompt (`Batch.segment_ids`).
+        Text-only rows (no <image>) may be mixed in: `grids` then lists the image rows only."""
         image_token_id = self._image_id(image_token_id)
-        images = self.encode_images(pixel_values, grids)
+        images, unused = self._row_images(input_ids, attention_mask, pixel_values, grids,
+                                          image_token_id)
         embeds, mask, labels, *seg = self.build_inputs(input_ids, attention_mask, images,
                                                        image_token_id, labels, "right",
                                                        segment_ids)
@@ -283,8 +288,35 @@ class HiResLLaVA(nn.Module):
             if not bool((target != IGNORE).any()):
                 raise ValueError("labels has no answer tokens (all -100): nothing to learn")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   target.reshape(-1), ignore_index=IGNORE)
+                                   target.reshape(-1), ignore_index=IGNORE, reduction=reduction)
+            if unused is not None:
+                loss = loss + 0.0 * unused
         return logits, loss
+
+    def _row_images(self, input_ids, attention_mask, pixel_values, grids, image_token_id):
+        """(one image embedding per row, [0, Dl] for a text-only row; None, or a zero-weight
+        term when the batch has no image: the vision side then still runs on a blank crop,
+        so that every rank of a sharded (FSDP) or DDP run calls the same modules each step)."""
+        B = input_ids.shape[0]
+        if len(grids) == B:
+            return self.encode_images(pixel_values, grids), None
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        has = ((input_ids == image_token_id) & mask.bool()).any(1).tolist()
+        if len(grids) != sum(has):
+            raise ValueError(f"got {len(grids)} images for {sum(has)} rows with an <image> "
+                             f"token (of {B} rows)")
+        unused = None
+        if grids:
+            feats = iter(self.encode_images(pixel_values, grids))
+        else:                                  # text only: a blank crop, weighted zero
+            S, n = self.cfg.vit.image_size, 2 if uses_slices(self.cfg) else 1
+            blank = torch.zeros(n, 3, S, S, device=input_ids.device,
+                                dtype=self.multi_modal_projector.linear_1.weight.dtype)
+            unused = self.encode_images(blank, [(1, 1)])[0].float().sum()
+            feats = iter(())
+        Dl = self.cfg.llama.hidden_size
+        empty = input_ids.new_zeros((0, Dl), dtype=torch.float32)
+        return [next(feats) if h else empty for h in has], unused
 
     def _image_id(self, image_token_id: int | None) -> int:
         if image_token_id is None:

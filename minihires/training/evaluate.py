@@ -26,7 +26,7 @@ def predict(model: HiResLLaVA, tokenizer, samples: Sequence, batch_size: int = 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = next(model.parameters()).device
-    get = lambda s, k: s[k] if isinstance(s, dict) else getattr(s, k)   # noqa: E731
+    get = lambda s, k: s[k] if isinstance(s, dict) else getattr(s, k)
     answers: list[str] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -174,3 +174,65 @@ def by_entities_table(table: dict) -> str:
                for n in ns]
         lines.append(f"  {task:<14}" + "".join(f"{c:>15}" for c in row))
     return "\n".join(lines)
+
+
+def evaluate_llava(model: HiResLLaVA, tokenizer, path, image_folder, batch_size: int = 64,
+                   max_new_tokens: int = 32, autocast_dtype: torch.dtype | None = None,
+                   n: int | None = None, progress=None) -> dict:
+    """Score a LLaVA-format question file: each row's first human turn is asked about its
+    image (batched greedy KV-cache generation) and the answer compared with the first gpt
+    turn, exactly (`exact`) and after EntityGrid-QA's normalisation (`accuracy`: lower case,
+    punctuation and articles removed, digits to number words, as VQA's answer processing).
+    Rows with a "task" field are also scored per task. Text-only rows are not asked
+    (counted in `skipped_text_only`). Streams the file; `n` caps the rows asked."""
+    from pathlib import Path
+
+    from minihires.data import llava
+    folder = Path(image_folder) if image_folder is not None else None
+    correct = exact = total = text_only = 0
+    tasks: dict[str, list[int]] = {}
+    pending: list[tuple] = []
+
+    def flush():
+        nonlocal correct, exact, total
+        if not pending:
+            return
+        images = [p[0] for p in pending]
+        answers = predict(model, tokenizer, [{"image": im, "question": q} for im, q, _, _ in
+                                             pending], len(pending), max_new_tokens,
+                          autocast_dtype)
+        for (_, _, want, task), got in zip(pending, answers):
+            ok = entitygrid.normalize(got) == entitygrid.normalize(want)
+            correct += ok
+            exact += got.strip() == want.strip()
+            total += 1
+            if task is not None:
+                t = tasks.setdefault(str(task), [0, 0])
+                t[0] += ok
+                t[1] += 1
+        if progress is not None:
+            progress(len(images))
+        pending.clear()
+
+    for i, row in enumerate(llava.rows(path)):
+        if n is not None and total + len(pending) >= n:
+            break
+        image, turns = llava.check_row(row, i)
+        if image is None:
+            text_only += 1
+            continue
+        if folder is None:
+            raise ValueError(f"{path}: {llava.row_name(row, i)} has an image but no image "
+                             "folder was given")
+        file = folder / image
+        if not file.is_file():
+            raise ValueError(f"{path}: {llava.row_name(row, i)}: image {file} does not exist")
+        pending.append((str(file), turns[0][0], turns[0][1], row.get("task")))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not total:
+        raise ValueError(f"{path}: no row with an image to ask")
+    return {"accuracy": 100.0 * correct / total, "exact_match": 100.0 * exact / total,
+            "n": total, "skipped_text_only": text_only,
+            "tasks": {t: 100.0 * c / k for t, (c, k) in tasks.items()}}

@@ -106,6 +106,23 @@ class TrainConfig:
     whole_canvas: bool | None = None      # the native-resolution control (ModelConfig)
     thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
     tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
+    # the real-model path (`minihires.training.recipe`): LLaVA-format data instead of the
+    # built-in stream; everything below needs `data`
+    data: str | None = None               # a LLaVA-format JSON file
+    image_folder: str | None = None       # its images' root
+    skip_bad_rows: bool = False           # skip (and count) malformed rows instead of failing
+    tokenizer: str | None = None          # a tokenizer.model for a model from scratch
+    init_from_hf: list[str] | None = None  # [CLIP vision folder, LLaMA folder]
+    init_from_llava: str | None = None    # a LLaVA-1.5 folder
+    init_from_run: str | None = None      # a run folder (stage 1 -> stage 2)
+    stage: str = "full"                   # full, pretrain or finetune (recipe.set_stage)
+    train_vision: bool = False            # finetune: the ViT encoder trains too
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    epochs: float | None = None           # sets steps from the file's rows and global batch
+    warmup_ratio: float | None = None     # sets warmup_steps as a fraction of steps
+    fsdp: bool = False                    # FSDP2 under torchrun (else DDP)
+    grad_checkpointing: bool = False      # recompute each block's activations in backward
+    workers: int = 0                      # DataLoader worker processes
 
     def validate(self) -> None:
         """ValueError naming the first field with a wrong type or value."""
@@ -149,6 +166,7 @@ class TrainConfig:
              f"one of {COMPRESSIONS} or None")
         need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
         self.model_config()     # the switches must fit the preset (e.g. overlap needs no SRA)
+        self._validate_data(need, is_int, is_num)
         if self.tasks is not None:
             try:
                 EntityGridConfig(tasks=self.tasks)
@@ -162,6 +180,57 @@ class TrainConfig:
             if int(self.device.partition(":")[2] or 0) >= torch.cuda.device_count():
                 raise ValueError(f"device is {self.device!r} but there are only "
                                  f"{torch.cuda.device_count()} CUDA GPU(s)")
+
+    def _validate_data(self, need, is_int, is_num) -> None:
+        """The real-model fields: they need `data`; files and folders exist."""
+        from minihires.training.recipe import STAGES
+        for name in ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run"):
+            need(lambda v: v is None or isinstance(v, str) and v, name, "a path or None")
+        need(lambda v: v is None or (isinstance(v, list) and len(v) == 2
+                                     and all(isinstance(x, str) for x in v)),
+             "init_from_hf", "two folders [VISION_DIR, LLM_DIR]")
+        need(lambda v: v in STAGES, "stage", f"one of {STAGES}")
+        for name in ("grad_accum",):
+            need(lambda v: is_int(v, 1), name, "an int >= 1")
+        need(lambda v: is_int(v, 0), "workers", "an int >= 0")
+        need(lambda v: v is None or is_num(v) and v > 0, "epochs", "a positive number")
+        need(lambda v: v is None or is_num(v) and 0 <= v < 1, "warmup_ratio", "in [0, 1)")
+        for name in ("skip_bad_rows", "train_vision", "fsdp", "grad_checkpointing"):
+            need(lambda v: isinstance(v, bool), name, "true or false")
+        if self.data is None:
+            given = [n for n in ("image_folder", "tokenizer", "init_from_hf", "init_from_llava",
+                                 "init_from_run", "epochs", "warmup_ratio")
+                     if getattr(self, n) is not None]
+            given += [n for n in ("skip_bad_rows", "train_vision", "fsdp", "grad_checkpointing")
+                      if getattr(self, n)]
+            given += [n for n, d in (("stage", "full"), ("grad_accum", 1), ("workers", 0))
+                      if getattr(self, n) != d]
+            if given:
+                raise ValueError(f"{given[0]} needs data (a LLaVA-format file); the built-in "
+                                 "EntityGrid-QA stream trains the tiny model from scratch "
+                                 "(export it with `entitygrid --format llava`)")
+            return
+        if not Path(self.data).is_file():
+            raise ValueError(f"data {self.data} does not exist (or is not a file)")
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            raise ValueError(f"image_folder {self.image_folder} does not exist (or is not a folder)")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
+            raise ValueError(f"tokenizer {self.tokenizer} does not exist (or is not a file)")
+        if sum(x is not None for x in (self.init_from_hf, self.init_from_llava,
+                                       self.init_from_run)) > 1:
+            raise ValueError("init_from_hf, init_from_llava and init_from_run exclude each other")
+        if self.init_from_run is not None and not (Path(self.init_from_run) / "config.json").is_file():
+            raise ValueError(f"init_from_run {self.init_from_run} is not a run folder")
+        if self.tokenizer is not None and (self.init_from_hf or self.init_from_llava
+                                           or self.init_from_run):
+            raise ValueError("tokenizer is for a model from scratch; an initialised model "
+                             "uses its LLM folder's tokenizer.model")
+        for folder in (self.init_from_hf or []) + [self.init_from_llava or ""]:
+            if folder and not (Path(folder) / "config.json").is_file():
+                raise ValueError(f"init folder {folder} has no config.json (not a Hugging Face "
+                                 "model folder)")
+        if self.stage != "finetune" and self.train_vision:
+            raise ValueError("train_vision applies to stage finetune only")
 
     def model_config(self) -> ModelConfig:
         """The preset with the ablation switches that are set; validated (ValueError)."""
@@ -316,6 +385,9 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     """
     tc.validate()
     out = Path(out)
+    if tc.data is not None:                     # the real-model path
+        from minihires.training import recipe
+        return recipe.train_data(tc, out, resume, stop_at, progress)
     with distributed.session(tc.device) as dd:
         step, losses, train_time, hashes, speed, model, model_cfg, data_cfg, tokenizer = (
             _train_ranks(tc, out, resume, stop_at, progress, dd))
