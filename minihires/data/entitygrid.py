@@ -12,9 +12,10 @@ Four tasks, one question per image:
     continuity   "Is the board at the top broken?"  -> "yes" / "no"
 
 The first three are answered by any fragment of an entity (each slice of a cut entity shows
-its whole pattern); continuity is not: a board (`entities.draw_board`) is broken when its two
-halves' checkerboards are out of phase, a seam-cut board is split along the seam, and the
-thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
+its whole pattern); continuity is not: a board (`entities.draw_board`) is a checkerboard in
+bands of random phase, broken when one band jumps by a pixel at the board's centre line; a
+seam-cut board is split along the seam, each half alone looks the same for both answers, and
+the thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
 costs, and what SliceRestore has to restore.
 
 Choices that are ours, not the paper's: the pattern classes and colours, the question
@@ -42,8 +43,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity, place,
-                                     place_board, render)
+from minihires.data.entities import (
+    BOARD,
+    CLASSES,
+    COLOURS,
+    POSITIONS,
+    Entity,
+    place,
+    place_board,
+    render,
+)
 
 TASKS = ("recognition", "position", "counting", "continuity")
 DEFAULT_TASKS = TASKS[:3]    # continuity is opt-in while its seam benchmark is being built
@@ -369,7 +378,7 @@ def summarize(correct: Mapping[str, int], counts: Mapping[str, int]) -> dict:
     """`score`'s result from its tallies: correct and total per group ("all", each task, each
     seam side, each "task/side"), e.g. summed over batches."""
     acc = {g: (100.0 * correct[g] / t if t else None) for g, t in counts.items()}
-    gap = lambda on, off: None if on is None or off is None else off - on   # noqa: E731
+    gap = lambda on, off: None if on is None or off is None else off - on
     seam = {t: {"on_seam": acc[f"{t}/on_seam"], "off_seam": acc[f"{t}/off_seam"],
                 "discrepancy": gap(acc[f"{t}/on_seam"], acc[f"{t}/off_seam"])} for t in TASKS}
     return {"accuracy": acc["all"], **{g: acc[g] for g in (*TASKS, "on_seam", "off_seam")},
