@@ -43,16 +43,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from minihires.data.entities import (
-    BOARD,
-    CLASSES,
-    COLOURS,
-    POSITIONS,
-    Entity,
-    place,
-    place_board,
-    render,
-)
+from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity, place,
+                                     place_board, render)
 
 TASKS = ("recognition", "position", "counting", "continuity")
 DEFAULT_TASKS = TASKS[:3]    # continuity is opt-in while its seam benchmark is being built
@@ -378,7 +370,7 @@ def summarize(correct: Mapping[str, int], counts: Mapping[str, int]) -> dict:
     """`score`'s result from its tallies: correct and total per group ("all", each task, each
     seam side, each "task/side"), e.g. summed over batches."""
     acc = {g: (100.0 * correct[g] / t if t else None) for g, t in counts.items()}
-    gap = lambda on, off: None if on is None or off is None else off - on
+    gap = lambda on, off: None if on is None or off is None else off - on   # noqa: E731
     seam = {t: {"on_seam": acc[f"{t}/on_seam"], "off_seam": acc[f"{t}/off_seam"],
                 "discrepancy": gap(acc[f"{t}/on_seam"], acc[f"{t}/off_seam"])} for t in TASKS}
     return {"accuracy": acc["all"], **{g: acc[g] for g in (*TASKS, "on_seam", "off_seam")},
