@@ -24,26 +24,20 @@ falls in. Each class is then a fixed 4x4 stencil that a single patch embedding c
 apart.
 
 One more kind, for the continuity task: a *board*, whose answer no fragment shows. A board
-is a 2-pixel frame around a 1-pixel checkerboard cut into bands, one per row of 4x4 patches,
-each band of a random phase; a line through the centre, across the bands, splits it into two halves. The
-board is *broken* when one band's checkerboard jumps by one pixel at the line. Either half
-alone is a stack of random band phases whether the board is broken or not, so telling the
-answers apart takes both halves, band by band: a summary of each half (its colour, its
-density, one phase) does not answer it.
-Boards are drawn unjittered with their corners on multiples of 4 pixels (the tiny ViT's patch
-size), so that the split line lies on a patch boundary wherever the board is: an uncut board
-asks the encoder to compare neighbouring patches, a seam-cut board the patches on either side
-of the seam. Every 2x2 block of a checkerboard averages to the same 50% blend, so the
-thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) shows every board of
-a colour and place alike, broken or not; and a board that straddles a seam is split along that
-seam, so that each slice holds one half and no single slice can answer (`split_axis`).
+is a 1-pixel checkerboard in a 2-pixel frame, split by a line through its centre into two
+halves; each half is a checkerboard of phase 0 or 1, and the board is *broken* when the two
+phases differ (a one-pixel shift along the line). Either half alone is a perfect
+checkerboard of a random phase, so telling "broken" from "whole" takes pixels from both
+sides of the line. Boards are drawn unjittered with their corners on even pixels, so that the
+thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) turns every board
+into the same flat blend, broken or not; and a board that straddles a seam is split along
+that seam, so that each slice holds one half and no single slice can answer (`split_axis`).
 
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -105,71 +99,31 @@ def draw_entity(draw: ImageDraw.ImageDraw, cls: str, colour: str,
 
 
 BOARD = "board"            # the continuity task's entity kind (not a pattern class)
-BOARD_ALIGN = 4            # board corners and split lines on multiples of the tiny patch size
-
-
-BOARD_FRAME = 2            # a board's frame, pixels
-
-
-def bands(size: int) -> int:
-    """How many bands a size-pixel interior has: rows grouped by the BOARD_ALIGN-pixel patch
-    row they fall in (the interior starts BOARD_FRAME pixels into an aligned board)."""
-    return (size - 1 + BOARD_FRAME) // BOARD_ALIGN + 1
-
-
-def band_pixels(size: int, first: list[int], second: list[int]) -> list[list[int]]:
-    """A size x size interior split by a vertical line, as rows of 0/1: each band (one patch
-    row) is a 1-px checkerboard of phase first[band] left of the line, second[band] right."""
-    band = lambda y: (y + BOARD_FRAME) // BOARD_ALIGN
-    return [[(x + y + (first if x < size // 2 else second)[band(y)]) % 2 for x in range(size)]
-            for y in range(size)]
-
-
-def board_texture(size: int, texture: int, broken: int) -> list[list[int]]:
-    """The interior of a board: band phases from `random.Random(texture)`, the same on both
-    sides of the line except band `broken` (>= 0), whose right side is shifted by one pixel."""
-    if size < 4 or size % 4:
-        raise ValueError(f"a board's interior must be a positive multiple of 4 pixels, got {size}")
-    if not -1 <= broken < bands(size):
-        raise ValueError(f"broken must be -1 or a band in 0..{bands(size) - 1}, got {broken}")
-    rng = random.Random(texture)
-    phases = [rng.randint(0, 1) for _ in range(bands(size))]
-    return band_pixels(size, phases, [p ^ (b == broken) for b, p in enumerate(phases)])
 
 
 def draw_board(draw: ImageDraw.ImageDraw, colour: str, bbox: tuple[int, int, int, int],
                split: tuple[str, int, int]) -> None:
-    """A board: 2-px frame around `board_texture(side - 4, split[1], split[2])`.
-
-    split[0]: "v" (the line is vertical, halves left and right) or "h" (horizontal, halves
-    above and below: the texture transposed).
-    """
-    axis, texture, broken = split
-    if axis not in ("v", "h") or not isinstance(texture, int) or not isinstance(broken, int):
-        raise ValueError(f"split must be ('v' or 'h', texture seed, broken band), got {split!r}")
-    x0, y0, x1, y1 = bbox
-    if x1 - x0 != y1 - y0 or x1 - x0 < 8:
-        raise ValueError(f"a board must be square and at least 8 px (frame + interior), got {bbox}")
-    draw_board_pixels(draw, colour, bbox, axis, board_texture(x1 - x0 - 4, texture, broken))
-
-
-def draw_board_pixels(draw: ImageDraw.ImageDraw, colour: str, bbox: tuple[int, int, int, int],
-                      axis: str, px: list[list[int]]) -> None:
-    """The frame and an explicit interior px (rows of 0/1, "v" orientation; "h" transposes)."""
+    """A board: 2-px frame, checkerboard inside, phase `split[1]` before the split line and
+    `split[2]` after it. split[0]: "v" (a vertical line at the centre column, halves left and
+    right) or "h" (a horizontal line at the centre row, halves above and below)."""
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {colour!r}")
+    axis, first, second = split
+    if axis not in ("v", "h") or first not in (0, 1) or second not in (0, 1):
+        raise ValueError(f"split must be ('v' or 'h', phase 0/1, phase 0/1), got {split!r}")
+    x0, y0, x1, y1 = bbox
+    if x1 - x0 < 6 or y1 - y0 < 6:
+        raise ValueError(f"a board needs at least 6x6 pixels (frame + interior), got {bbox}")
     rgb = COLOURS[colour]
-    x0, y0, _, _ = bbox
-    draw.rectangle((x0, y0, bbox[2] - 1, bbox[3] - 1), outline=rgb, width=2)   # inclusive corners
-    lit = [(x0 + 2 + (i if axis == "v" else j), y0 + 2 + (j if axis == "v" else i))
-           for j, row in enumerate(px) for i, v in enumerate(row) if v]
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=2)   # inclusive corners
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    lit = []
+    for y in range(y0 + 2, y1 - 2):
+        for x in range(x0 + 2, x1 - 2):
+            phase = second if (x >= cx if axis == "v" else y >= cy) else first
+            if (x + y + phase) % 2 == 0:
+                lit.append((x, y))
     draw.point(lit, fill=rgb)
-
-
-def board_side(entity_px: int) -> int:
-    """A board's side: the entity size down to a multiple of 2 * BOARD_ALIGN, at least 8, so
-    that its halves, and so its split line, fall on BOARD_ALIGN."""
-    return max(2 * BOARD_ALIGN, entity_px - entity_px % (2 * BOARD_ALIGN))
 
 
 def centre(position: str, width: int, height: int) -> tuple[int, int]:
@@ -198,12 +152,12 @@ class Entity:
     position: str
     bbox: tuple[int, int, int, int]   # pixels (x0, y0, x1, y1), x1 and y1 exclusive
     on_seam: bool                     # crosses_seam(bbox, ...): geometry, not the name
-    split: tuple[str, int, int] | None = None   # boards only: (axis, texture, broken band)
+    split: tuple[str, int, int] | None = None   # boards only: (axis, phase 1st, 2nd half)
 
     @property
     def broken(self) -> bool:
-        """A board one of whose bands jumps by a pixel at its split line."""
-        return self.split is not None and self.split[2] >= 0
+        """A board whose two halves' checkerboards are out of phase."""
+        return self.split is not None and self.split[1] != self.split[2]
 
     @property
     def name(self) -> str:
@@ -233,19 +187,16 @@ def split_axis(bbox: tuple[int, int, int, int], slice_size: int, rows: int, cols
 
 
 def place_board(colour: str, position: str, cfg, broken: bool, rng) -> Entity:
-    """A board of `board_side(cfg.entity_px)` pixels at `position`: no jitter, corners on
-    multiples of BOARD_ALIGN, split along a seam that cuts it, texture seed and broken band
-    drawn from `rng`."""
-    side = board_side(cfg.entity_px)
+    """A board of cfg.entity_px pixels at `position`: no jitter, corners on even pixels,
+    split along a seam that cuts it, halves' phases drawn from `rng` (different if broken)."""
     cx, cy = centre(position, cfg.width, cfg.height)
-    x0 = (cx - side // 2) // BOARD_ALIGN * BOARD_ALIGN
-    y0 = (cy - side // 2) // BOARD_ALIGN * BOARD_ALIGN
-    bbox = (x0, y0, x0 + side, y0 + side)
+    x0, y0 = (cx - cfg.entity_px // 2) & ~1, (cy - cfg.entity_px // 2) & ~1
+    bbox = (x0, y0, x0 + cfg.entity_px, y0 + cfg.entity_px)
     axis = split_axis(bbox, cfg.slice_size, cfg.rows, cfg.cols, rng)
-    texture = rng.getrandbits(32)
-    band = rng.randrange(bands(side - 2 * BOARD_FRAME)) if broken else -1
+    first = rng.randint(0, 1)
     return Entity(BOARD, colour, position, bbox,
-                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols), (axis, texture, band))
+                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols),
+                  (axis, first, 1 - first if broken else first))
 
 
 def render(entities: Iterable[Entity], cfg) -> Image.Image:

@@ -12,10 +12,9 @@ Four tasks, one question per image:
     continuity   "Is the board at the top broken?"  -> "yes" / "no"
 
 The first three are answered by any fragment of an entity (each slice of a cut entity shows
-its whole pattern); continuity is not: a board (`entities.draw_board`) is a checkerboard in
-bands of random phase, broken when one band jumps by a pixel at the board's centre line; a
-seam-cut board is split along the seam, each half alone looks the same for both answers, and
-the thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
+its whole pattern); continuity is not: a board (`entities.draw_board`) is broken when its two
+halves' checkerboards are out of phase, a seam-cut board is split along the seam, and the
+thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
 costs, and what SliceRestore has to restore.
 
 Choices that are ours, not the paper's: the pattern classes and colours, the question
