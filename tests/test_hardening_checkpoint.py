@@ -185,15 +185,25 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
                                                                        capsys):
     """The loss turns NaN at step 3: train stops with a named error before the optimizer step;
     the step-2 checkpoint stays, finite and loadable, and nothing of step 3 is written."""
-    calls = {"n": 0}
-    forward = T.HiResLLaVA.forward
+    calls = {"n": 0, "counting": False}
+    forward, step_flops = T.HiResLLaVA.forward, T.flops.step_flops
 
     def poisoned(self, *args, **kw):
         logits, loss = forward(self, *args, **kw)
+        if calls["counting"]:                 # the FLOP count's forward is not a step
+            return logits, loss
         calls["n"] += 1
         return logits, (loss * float("nan") if calls["n"] == 3 else loss)
 
+    def counted(fn):
+        calls["counting"] = True
+        try:
+            return step_flops(fn)
+        finally:
+            calls["counting"] = False
+
     monkeypatch.setattr(T.HiResLLaVA, "forward", poisoned)
+    monkeypatch.setattr(T.flops, "step_flops", counted)
     out = tmp_path / "nan"
     line = fails(capsys, cli_train, ["--steps", "5", "--ckpt-every", "2", *TINY, "--out", str(out)],
                  "diverged at step 3", "loss nan", "nothing was saved after step 2")
