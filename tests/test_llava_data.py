@@ -18,7 +18,11 @@ from torch.utils.data import DataLoader
 
 from minihires.cli.train import cli_train
 from minihires.data import llava
-from minihires.data.entitygrid import EntityGridConfig, answer_vocabulary, question_texts
+from minihires.data.entitygrid import (
+    EntityGridConfig,
+    answer_vocabulary,
+    question_texts,
+)
 from minihires.model import IGNORE, HiResLLaVA
 from minihires.model.config import tiny
 from minihires.model.tokenizer import Tokenizer
@@ -198,3 +202,99 @@ def test_eval_data_scores_the_export_as_the_test_split(trained_run, tmp_path, ca
     assert cli_eval([str(trained_run), "--data", str(tmp_path / "t" / "llava.json"),
                      "--image-folder", str(tmp_path / "t"), "--threads", "1"]) == 0
     assert f"{ours['accuracy']:5.1f}" in capsys.readouterr().out
+
+
+def test_rows_end_of_file_bom_and_empty(tmp_path):
+    """Text after the array's ']' is an error (it was silently ignored); a UTF-8 BOM is
+    skipped; an empty file says so; a syntax error counts its position from the row."""
+    good = {"id": "g", "conversations": conv("What is at the top?", "red stripes")}
+    (tmp_path / "a.json").write_text(json.dumps([good]) + "\n xyz")
+    with pytest.raises(ValueError, match=r"text after the array's closing '\]'"):
+        list(llava.rows(tmp_path / "a.json"))
+    (tmp_path / "e.json").write_text("[] x")
+    with pytest.raises(ValueError, match="closing"):
+        list(llava.rows(tmp_path / "e.json"))
+    (tmp_path / "b.json").write_text("\ufeff" + json.dumps([good]), encoding="utf-8")
+    assert list(llava.rows(tmp_path / "b.json")) == [good]
+    (tmp_path / "z.json").write_text("  \n")
+    with pytest.raises(ValueError, match="z.json: empty"):
+        list(llava.rows(tmp_path / "z.json"))
+    (tmp_path / "t.json").write_text(json.dumps([good]) + "\n" * 3 + '[{"id": }')
+    with pytest.raises(ValueError, match="text after"):
+        list(llava.rows(tmp_path / "t.json"))
+    (tmp_path / "s.json").write_text("[" + json.dumps(good) + ', {"id": }]')
+    with pytest.raises(ValueError, match="row 1: not valid JSON .* at character 7 of the row"):
+        list(llava.rows(tmp_path / "s.json"))
+
+
+def test_bad_row_in_a_worker_keeps_its_one_line_message(tok, tmp_path):
+    """DataLoader re-raises a worker's BadData with the worker's traceback as its text; the
+    message stays the row's (it was the whole traceback folded into the `error:` line)."""
+    path = write(tmp_path / "d.json", [{"id": "w1", "conversations": conv("q")}])
+    stream = llava.LlavaStream(path, None, tok, tiny(), batch_size=1)
+    with pytest.raises(llava.BadData) as e:
+        next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
+    assert str(e.value).startswith(f"{path}: row 0 (id 'w1'): conversations has 1 turns")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, flags", [
+    ('[{"id": "a", "conversations": []}, ', []),                  # tokenizer trained on it
+    ('[{"id": "a", "conversations": []}, ', ["--epochs", "1"]),   # rows counted
+    ('{"id": "a"}', []),
+])
+def test_cli_unreadable_data_file_is_one_error_line(tmp_path, capsys, text, flags):
+    (tmp_path / "d.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        cli_train(["--data", str(tmp_path / "d.json"), *flags, "--batch-size", "1",
+                   "--threads", "1", "--quiet", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'd.json'}: ")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--turns", "3"], "--turns: for the built-in EntityGrid-QA training"),
+    (["--freeze-vision-at", "1", "--chat-turns"], "--chat-turns, --freeze-vision-at: for"),
+    (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
+    (["--epochs", "1", "--steps", "2"], "--epochs sets --steps: give one of them"),
+    (["--warmup-ratio", "0.1", "--warmup-steps", "2"], "--warmup-ratio sets --warmup-steps"),
+])
+def test_cli_flags_that_a_data_run_would_ignore(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = write(tmp_path / "d.json", [{"id": "g", "conversations": conv("q", "a")}])
+    with pytest.raises(SystemExit) as e:
+        cli_train(["--data", str(path), *flags, "--quiet", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-folder", "."], "--image-folder applies to --data only"),
+    (["--max-new-tokens", "4"], "--max-new-tokens applies to --data only"),
+    (["--data", "q.json", "--by-entities"], "--by-entities and --attention apply to"),
+])
+def test_eval_flags_of_the_other_mode_are_errors(tmp_path, capsys, flags, message):
+    from minihires.cli.eval import cli_eval
+    with pytest.raises(SystemExit) as e:
+        cli_eval([str(tmp_path), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_export_flags_are_checked_before_the_folder_is_touched(tmp_path, capsys):
+    """`entitygrid --force --turns 0` emptied an existing export, then rejected --turns; a bad
+    --vocab-size failed after every image was written, as an error of --out."""
+    from minihires.cli.entitygrid import cli_entitygrid
+    out = tmp_path / "eg"
+    assert cli_entitygrid(["--n", "2", "--format", "llava", "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    for flags, message in ((["--force", "--turns", "0"], "--turns must be >= 1"),
+                           (["--force", "--vocab-size", "3"], "--vocab-size must be >= 8")):
+        with pytest.raises(SystemExit) as e:
+            cli_entitygrid(["--n", "2", "--format", "llava", "--out", str(out), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(SystemExit):
+        cli_entitygrid(["--n", "2", "--format", "llava", "--vocab-size", "3",
+                        "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()

@@ -99,3 +99,41 @@ def test_stage2_starts_from_a_stage1_run(folders, tmp_path):
     start, _ = recipe.build_model(tc, tmp_path / "s2", resume=False)
     s1 = load_file(tmp_path / "s1" / "model.safetensors")
     assert all(torch.equal(v, s1[k]) for k, v in start.state_dict().items())
+
+
+def test_autocast_on_one_gpu_even_with_fsdp():
+    """--fsdp on one process shards nothing, so FSDP2's bf16 policy is not applied: autocast
+    must be (it was off: a one-GPU --fsdp run computed in fp32)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert recipe.autocast_dtype(cuda, fsdp_on=True, world=1) == torch.bfloat16
+    assert recipe.autocast_dtype(cuda, fsdp_on=False, world=4) == torch.bfloat16
+    assert recipe.autocast_dtype(cuda, fsdp_on=True, world=2) is None     # FSDP2's policy
+    assert recipe.autocast_dtype(cpu, fsdp_on=False, world=1) is None
+
+
+def test_unreadable_init_folder_or_tokenizer_is_one_error_line(folders, tmp_path, capsys):
+    root, _, _, _, data = folders
+    (tmp_path / "notrun").mkdir()
+    (tmp_path / "notrun" / "config.json").write_text("{}")
+    (tmp_path / "tok.model").write_text("not a sentencepiece model")
+    common = ["--data", str(data), "--image-folder", str(root / "eg"), "--steps", "1",
+              "--batch-size", "1", "--quiet", "--threads", "1"]
+    for flags, message in ((["--init-from-run", str(tmp_path / "notrun")], "--init-from-run"),
+                           (["--tokenizer", str(tmp_path / "tok.model")], "--tokenizer")):
+        with pytest.raises(SystemExit) as e:
+            cli_train([*common, *flags, "--out", str(tmp_path / message[2:])])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: {message} ")
+        assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-gb", "0"], "--gpu-gb must be > 0"),
+    (["--stage", "pretrain", "--train-vision"], "--train-vision applies to --stage finetune"),
+    (["--seq-len", "100"], "does not hold the image's 723 visual tokens"),
+])
+def test_memory_rejects_what_train_would(capsys, flags, message):
+    from minihires.cli.memory import cli_memory
+    with pytest.raises(SystemExit) as e:
+        cli_memory(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err

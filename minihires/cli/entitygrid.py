@@ -19,10 +19,10 @@ from minihires.data.entitygrid import (
     check_export_dir,
     is_export,
     is_test_seed,
+    question_texts,
     remove_export,
     sample,
     stream,
-    question_texts,
     test_seeds,
 )
 from minihires.model.tokenizer import Tokenizer
@@ -54,8 +54,8 @@ def cli_entitygrid(argv: list[str]) -> int:
                    help="llava format: questions per image, as `train --turns` draws them "
                         "(default 1)")
     p.add_argument("--vocab-size", type=int, default=256,
-                   help="llava format: the tokenizer's pieces, as `train --vocab-size` "
-                        "(default 256)")
+                   help="llava format: the tokenizer's pieces (default 256, as `train` "
+                        "trains its own)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing export (its files only) in --out")
     args = p.parse_args(argv)
@@ -63,6 +63,10 @@ def cli_entitygrid(argv: list[str]) -> int:
         p.error(f"--n must be in 1..{TEST_SEED_SPAN}, got {args.n}")
     if args.split == "test" and args.seed is not None:
         p.error("--seed applies to --split train only; the test split is fixed")
+    if args.turns < 1:                    # before --out is touched (--force empties it)
+        p.error(f"--turns must be >= 1, got {args.turns}")
+    if args.vocab_size < 8:
+        p.error(f"--vocab-size must be >= 8, got {args.vocab_size}")
     seed = 0 if args.seed is None else args.seed
     if args.split == "train" and (seed < 0 or is_test_seed(seed)):
         p.error(f"--seed must be >= 0 and outside the test range "
@@ -94,8 +98,6 @@ def cli_entitygrid(argv: list[str]) -> int:
         if i % step == 0 or i == args.n:
             print(f"  {i}/{args.n}", flush=True)
 
-    if args.turns < 1:
-        p.error(f"--turns must be >= 1, got {args.turns}")
     tasks, on_seam, total = dict.fromkeys(cfg.tasks, 0), 0, 0
     current: list = []
 

@@ -53,11 +53,17 @@ def cli_eval(argv: list[str]) -> int:
                         "row's first question; exact match and normalised accuracy)")
     p.add_argument("--image-folder", metavar="DIR", default=None,
                    help="the root of --data's image paths")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="with --data (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="with --data (default 32)")
     args = p.parse_args(argv)
     check_device(args.device)
     if args.data is not None:
+        if args.by_entities or args.attention:
+            p.error("--by-entities and --attention apply to the EntityGrid-QA test split, "
+                    "not --data")
         return _eval_data(args)
+    for flag in ("image_folder", "max_new_tokens"):
+        if getattr(args, flag) is not None:
+            p.error(f"--{flag.replace('_', '-')} applies to --data only")
     if args.n is not None and not 1 <= args.n <= TEST_SEED_SPAN:
         p.error(f"--n must be in 1..{TEST_SEED_SPAN} (the test split's size), got {args.n}")
     if args.batch_size < 1:
@@ -110,6 +116,8 @@ def cli_eval(argv: list[str]) -> int:
 
 def _eval_data(args) -> int:
     """`eval RUN --data FILE.json --image-folder DIR`: a LLaVA-format question file."""
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be >= 1")
     if args.n is not None and args.n < 1:

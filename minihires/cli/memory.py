@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from minihires.analysis import memory
+from minihires.analysis.budget import hires_tokens
 from minihires.cli.errors import ArgumentParser, command, user_input
 from minihires.cli.tokens import parse_size
-from minihires.model.config import PRESETS
+from minihires.model.config import PRESETS, preset
 
 
 @command
@@ -29,8 +30,16 @@ def cli_memory(argv: list[str]) -> int:
     for name in ("world", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.gpu_gb > 0:
+        p.error(f"--gpu-gb must be > 0, got {args.gpu_gb}")
+    if args.train_vision and args.stage != "finetune":
+        p.error("--train-vision applies to --stage finetune only (as in `train`)")
     with user_input():
         size = parse_size(args.size)
+    visual = hires_tokens(*size, preset(args.preset))[0]
+    if args.seq_len <= visual:
+        p.error(f"--seq-len {args.seq_len} does not hold the image's {visual} visual tokens "
+                f"(--size {args.size}) and a question")
     for ckpt in ((args.ckpt, not args.ckpt) if args.ckpt else (False,)):
         e = memory.estimate(args.preset, args.stage, args.world, args.batch_size, args.seq_len,
                             ckpt, args.fsdp, args.train_vision, args.gpu_gb, size)

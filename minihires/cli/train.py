@@ -27,6 +27,8 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
                  "warmup_ratio", "fsdp", "grad_checkpointing", "workers", "init_from_run",
                  "weight_decay", "min_lr_ratio")
+_BUILT_IN = ("turns", "chat_turns", "tasks", "train_max_entities", "freeze_vision_at")
+# ^ the built-in EntityGrid-QA stream's flags, which a --data run would ignore
 _RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
 _PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run")
 
@@ -158,6 +160,17 @@ def cli_train(argv: list[str]) -> int:
     else:
         given = {k: getattr(args, k) for k in (*_CONFIG_FLAGS, "device", "threads")
                  if getattr(args, k) is not None}
+        ignored = [f"--{k.replace('_', '-')}" for k in _BUILT_IN if k in given]
+        if args.data is not None and ignored:
+            p.error(f"{', '.join(ignored)}: for the built-in EntityGrid-QA training, which "
+                    "--data replaces (questions per image and tasks of an export: `entitygrid "
+                    "--format llava --turns N --tasks ...`)")
+        for a, b in (("epochs", "steps"), ("warmup_ratio", "warmup_steps")):
+            if a in given and b in given:            # the first would silently win
+                p.error(f"--{a.replace('_', '-')} sets --{b.replace('_', '-')}: give one of them")
+        if args.fsdp and "WORLD_SIZE" not in os.environ:
+            p.error("--fsdp shards the model over torchrun's processes: run under `torchrun "
+                    "--nproc_per_node=N -m minihires train ...`, or drop --fsdp")
         for k in _PATHS:                         # absolute: a resume may start elsewhere
             if k in given:
                 given[k] = os.path.abspath(given[k])
@@ -202,7 +215,7 @@ def cli_train(argv: list[str]) -> int:
               f"{'epochs ' + str(tc.epochs) if tc.epochs else str(tc.steps) + ' steps'} x "
               f"{tc.batch_size} rows x {tc.grad_accum} micro-batches x "
               f"{distributed.environment()[1]} rank(s), lr {tc.lr}, seed {tc.seed}, "
-              f"{'FSDP2' if tc.fsdp else 'DDP'}, device {tc.device} -> {out}")
+              f"{_engine(tc.fsdp, distributed.environment()[1])}, device {tc.device} -> {out}")
     elif rank == 0:
         model_cfg = tc.model_config()
         print(f"minihires train: preset {tc.preset}, {tc.steps} steps x {tc.batch_size} images "
@@ -232,3 +245,9 @@ def cli_train(argv: list[str]) -> int:
         print(results_table(metrics))
         print(f"wrote {out}/ ({', '.join(sorted(os.listdir(out)))})")
     return 0
+
+
+def _engine(fsdp: bool, world: int) -> str:
+    if world == 1:
+        return "one process"
+    return "FSDP2" if fsdp else "DDP"

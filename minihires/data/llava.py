@@ -55,6 +55,13 @@ MAX_ROW_CHARS = 64 << 20         # a row longer than this is an error (not a con
 class BadData(ValueError):
     """A data file or row that cannot be read (the command line reports it as `error: ...`)."""
 
+    def __init__(self, message: str = ""):
+        # a DataLoader worker's BadData comes back as BadData("Caught BadData in DataLoader
+        # worker process N. Original Traceback ... BadData: <message>"): keep the message
+        if message.startswith("Caught BadData in DataLoader worker"):
+            message = message.rstrip().splitlines()[-1].partition("BadData: ")[2] or message
+        super().__init__(message)
+
 # ----------------------------------------------------------------------------- the JSON array
 
 def rows(path: str | os.PathLike) -> Iterator[object]:
@@ -62,7 +69,7 @@ def rows(path: str | os.PathLike) -> Iterator[object]:
     over a buffer refilled as needed). ValueError naming the file and the row on bad JSON."""
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:        # -sig: a leading BOM is skipped
         buf, pos, eof = "", 0, False
 
         def fill() -> bool:
@@ -86,28 +93,38 @@ def rows(path: str | os.PathLike) -> Iterator[object]:
                 if not fill():
                     return None
 
+        def closed() -> None:                 # at the array's ']': nothing may follow
+            nonlocal pos
+            pos += 1
+            c = skip_space()
+            if c is not None:
+                raise ValueError(f"{path}: text after the array's closing ']' (starting {c!r}); "
+                                 "a LLaVA file is one JSON array")
+
         try:
-            if skip_space() != "[":
-                raise ValueError(f"{path}: not a JSON array of rows (LLaVA's format is "
-                                 "[{...}, {...}])")
+            first = skip_space()
+            if first != "[":
+                raise ValueError(f"{path}: {'empty' if first is None else 'not a JSON array of rows'}"
+                                 " (LLaVA's format is [{...}, {...}])")
             pos += 1
             index = 0
             if skip_space() == "]":
-                return
+                return closed()
             while True:
                 while True:                              # one element, reading more as needed
                     try:
                         value, end = decoder.raw_decode(buf, pos)
                         break
-                    except ValueError as e:
-                        if len(buf) - pos > MAX_ROW_CHARS or not fill():
-                            raise ValueError(f"{path}: row {index}: not valid JSON ({e})") from None
+                    except json.JSONDecodeError as e:   # e's line and column count in the
+                        if len(buf) - pos > MAX_ROW_CHARS or not fill():   # buffer, not the file
+                            raise ValueError(f"{path}: row {index}: not valid JSON ({e.msg} at "
+                                             f"character {e.pos - pos} of the row)") from None
                 pos = end
                 yield value
                 index += 1
                 c = skip_space()
                 if c == "]":
-                    return
+                    return closed()
                 if c != ",":
                     raise ValueError(f"{path}: after row {index - 1}: expected ',' or ']', got "
                                      f"{'the end of the file' if c is None else repr(c)}")
@@ -188,7 +205,7 @@ def encode(tokenizer, turns: Sequence[tuple[str, str]], image: bool = True
 def texts(path) -> Iterator[str]:
     """Every question and answer of a file (for training a tokenizer), streamed; bad rows
     are passed over (the training reader reports them)."""
-    for i, row in enumerate(rows(path)):
+    for i, row in enumerate(_rows(path)):
         try:
             _, turns = check_row(row, i)
         except ValueError:
@@ -199,7 +216,8 @@ def texts(path) -> Iterator[str]:
 
 
 def count_rows(path) -> int:
-    return sum(1 for _ in rows(path))
+    """The rows of a file (streamed); BadData when it is not a JSON array."""
+    return sum(1 for _ in _rows(path))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -247,11 +265,13 @@ class LlavaStream(IterableDataset):
             raise ValueError(f"{row_name(row, index)} has an image but no --image-folder was given")
         path = self.folder / image
         if not path.is_file():
-            raise ValueError(f"{row_name(row, index)}: image {path} does not exist")
+            raise ValueError(f"{row_name(row, index)}: image {path} does not exist (or is not "
+                             "a file)")
         try:
             crops, grid = image_inputs(path, self.cfg)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{row_name(row, index)}: cannot read image {path} ({e})") from None
+            why = str(e) if str(path) in str(e) else f"cannot read image {path} ({e})"
+            raise ValueError(f"{row_name(row, index)}: {why}") from None
         self._check_length(row, index, len(ids) - 1 + slicing.num_image_tokens(grid, self.cfg))
         return crops, grid, ids, labels
 

@@ -22,6 +22,7 @@ The stages (LLaVA-1.5's recipe, with HiRes-LLaVA's new modules in the connector)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -80,39 +81,81 @@ def resolve(tc, rows: int) -> object:
     return dataclasses.replace(tc, steps=steps, warmup_steps=warmup)
 
 
+@contextlib.contextmanager
+def reading(what: str):
+    """ValueError / OSError while reading a folder or file the user named -> BadData, which
+    the command line reports as one `error: <what>: ...` line."""
+    try:
+        yield
+    except llava.BadData:
+        raise
+    except (ValueError, OSError) as e:
+        raise llava.BadData(f"{what}: {e}") from e
+
+
+def data_tokenizer(tc) -> Tokenizer:
+    """A tokenizer trained on --data's questions and answers. A file that cannot be read is
+    BadData, raised here: raised inside sentencepiece's reader, it would come back wrapped in
+    sentencepiece's own error."""
+    bad: list[llava.BadData] = []
+
+    def texts():
+        try:
+            yield from llava.texts(tc.data)
+        except llava.BadData as e:
+            bad.append(e)
+
+    try:
+        tokenizer = Tokenizer.train(texts(), tc.vocab_size, span_words=tc.span_words)
+    except ValueError:
+        if bad:
+            raise bad[0] from None
+        raise
+    if bad:
+        raise bad[0]
+    return tokenizer
+
+
 def build_model(tc, out: Path, resume: bool) -> tuple[HiResLLaVA, Tokenizer]:
-    """The model (float32, CPU) and its tokenizer, as the module doc says."""
+    """The model (float32, CPU) and its tokenizer, as the module doc says. A folder or file
+    that cannot be read is BadData naming its flag."""
     if resume:
-        model_cfg = ckpt.load_config(out)[0]
-        tokenizer = ckpt.load_tokenizer(out / ckpt.TOKENIZER)
+        with reading(f"--resume {out}"):
+            model_cfg = ckpt.load_config(out)[0]
+            tokenizer = ckpt.load_tokenizer(out / ckpt.TOKENIZER)
         torch.manual_seed(tc.seed)
         return HiResLLaVA(model_cfg), tokenizer
     template = tc.model_config()
     torch.manual_seed(tc.seed)
     if tc.init_from_hf:
         vision_dir, llm_dir = tc.init_from_hf
-        tokenizer = hf.load_tokenizer(llm_dir)
-        model = hf.hires_from_hf(vision_dir, llm_dir, template)
+        with reading(f"--init-from-hf {vision_dir} {llm_dir}"):
+            tokenizer = hf.load_tokenizer(llm_dir)
+            model = hf.hires_from_hf(vision_dir, llm_dir, template)
         model.cfg.image_token_index = tokenizer.image_id
     elif tc.init_from_llava:
-        model, tokenizer = (hf.hires_from_llava(tc.init_from_llava, template),
-                            hf.load_tokenizer(tc.init_from_llava))
-        if tokenizer.image_id != model.cfg.image_token_index:
-            raise ValueError(f"{tc.init_from_llava}: the tokenizer's <image> id is "
-                             f"{tokenizer.image_id}, config.json's {model.cfg.image_token_index}")
+        with reading(f"--init-from-llava {tc.init_from_llava}"):
+            model, tokenizer = (hf.hires_from_llava(tc.init_from_llava, template),
+                                hf.load_tokenizer(tc.init_from_llava))
+            if tokenizer.image_id != model.cfg.image_token_index:
+                raise ValueError(f"the tokenizer's <image> id is {tokenizer.image_id}, "
+                                 f"config.json's {model.cfg.image_token_index}")
     elif tc.init_from_run:                     # stage 2 from stage 1's run folder
-        model, tokenizer, _ = ckpt.load_run(tc.init_from_run)
+        with reading(f"--init-from-run {tc.init_from_run}"):
+            model, tokenizer, _ = ckpt.load_run(tc.init_from_run)
     else:
-        tokenizer = (ckpt.load_tokenizer(tc.tokenizer) if tc.tokenizer else
-                     Tokenizer.train(llava.texts(tc.data), tc.vocab_size,
-                                     span_words=tc.span_words))
+        if tc.tokenizer:
+            with reading(f"--tokenizer {tc.tokenizer}"):
+                tokenizer = ckpt.load_tokenizer(tc.tokenizer)
+        else:
+            tokenizer = data_tokenizer(tc)
         template.image_token_index = tokenizer.image_id
         torch.manual_seed(tc.seed)
         model = HiResLLaVA(template)
     text_ids = tokenizer.vocab_size - (tokenizer.image_id == tokenizer.vocab_size - 1)
     if text_ids > model.cfg.llama.vocab_size:
-        raise ValueError(f"the tokenizer has {text_ids} text pieces, more than the LLM's "
-                         f"vocab_size {model.cfg.llama.vocab_size}")
+        raise llava.BadData(f"the tokenizer has {text_ids} text pieces, more than the LLM's "
+                            f"vocab_size {model.cfg.llama.vocab_size}")
     return model.train(), tokenizer
 
 
@@ -132,12 +175,20 @@ def train_data(tc, out, resume: bool = False, stop_at: int | None = None,
     return result
 
 
+def autocast_dtype(device: torch.device, fsdp_on: bool, world: int) -> torch.dtype | None:
+    """bf16 autocast on a GPU, except where FSDP2's mixed-precision policy computes in bf16
+    already (sharded: more than one rank; `fsdp.shard` is not applied to one)."""
+    if device.type != "cuda" or (fsdp_on and world > 1):
+        return None
+    return torch.bfloat16
+
+
 def _ranks(tc, out: Path, resume: bool, stop_at, progress: bool, dd):
     from minihires.training.train import Diverged, lr_at, make_optimizer, param_hash
     rank, world, device = dd.rank, dd.world, dd.device
     if device.type == "cpu" and tc.threads is not None:
         torch.set_num_threads(tc.threads)
-    autocast = torch.bfloat16 if device.type == "cuda" and not tc.fsdp else None
+    autocast = autocast_dtype(device, tc.fsdp, world)
     state = fsdp.read_progress(out) if resume else None
     model, tokenizer = build_model(tc, out, resume and state is not None)
     model_cfg = model.cfg
