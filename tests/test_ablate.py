@@ -51,3 +51,59 @@ def test_bad_arguments(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli_ablate([*argv, "--runs", str(tmp_path / "r")])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sra_layers_apply_to_the_sra_variant_only(tmp_path):
+    runs = tmp_path / "abl"
+    argv = ["--steps", "2", "--batch-size", "4", "--eval-n", "9", "--variants", "sms", "sms+sra",
+            "--sra-layers", "0,2", "--runs", str(runs), "--quiet"]
+    assert cli_ablate(argv) == 0
+    layers = {k: json.loads((runs / f"{k}-seed0" / "config.json").read_text())["model"]["vit"]
+              ["sra_layers"] for k in ("sms", "sms+sra")}
+    assert layers == {"sms": [1], "sms+sra": [0, 2]}       # sms keeps the preset's, unused
+    assert "SRA after ViT blocks 0, 2" in (runs / "ablation.md").read_text()
+
+
+def test_resume_reads_back_finished_runs_resumes_and_adds(tmp_path, capsys):
+    runs = tmp_path / "abl"
+    common = ["--steps", "3", "--batch-size", "4", "--eval-n", "9", "--quiet"]
+    assert cli_ablate([*common, "--variants", "sms", "--seeds", "0", "1", "--runs", str(runs)]) == 0
+    first = {s: json.loads((runs / f"sms-seed{s}" / "metrics.json").read_text()) for s in (0, 1)}
+    (runs / "sms-seed1" / "metrics.json").unlink()          # as if killed before its eval
+    capsys.readouterr()
+    assert cli_ablate([*common, "--variants", "sms", "avg", "--seeds", "0", "1",
+                       "--resume", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "slices + SMS (seed 0): finished in" in out and "read back" in out
+    assert "slices + SMS (seed 1): 3 steps" in out           # resumed at its last checkpoint
+    again = json.loads((runs / "sms-seed1" / "metrics.json").read_text())
+    assert again["param_hash"] == first[1]["param_hash"] and again["accuracy"] == first[1]["accuracy"]
+    figures = json.loads((runs / "ablation.json").read_text())
+    assert list(figures["variants"]) == ["sms", "avg"]       # avg trained now, both seeds
+    assert all((runs / f"avg-seed{s}" / "metrics.json").is_file() for s in (0, 1))
+    assert [r["accuracy"] for r in figures["variants"]["sms"]["runs"]] == [
+        first[0]["accuracy"], first[1]["accuracy"]]
+
+
+def test_resume_refuses_a_folder_of_another_configuration(tmp_path, capsys):
+    runs = tmp_path / "abl"
+    common = ["--batch-size", "4", "--eval-n", "9", "--quiet", "--variants", "sms"]
+    assert cli_ablate([*common, "--steps", "2", "--runs", str(runs)]) == 0
+    with pytest.raises(SystemExit) as e:
+        cli_ablate([*common, "--steps", "3", "--resume", str(runs)])
+    assert e.value.code == 2 and "steps differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_ablate([*common, "--steps", "2", "--resume", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_a_train_run_folder_counts_as_its_variant(tmp_path):
+    """`train --no-sra` and ablate's sms variant build the same model: the run is reusable."""
+    from minihires.training import train as T
+    from minihires.training.ablate import finished_run, variant_config
+    tc = T.TrainConfig(steps=2, batch_size=4, eval_n=9, use_sra=False)
+    T.train(tc, tmp_path / "run", progress=False)
+    base = T.TrainConfig(steps=2, batch_size=4, eval_n=9, sra_layers=[0, 1, 2])
+    assert finished_run(variant_config(base, "sms"), tmp_path / "run")["steps"] == 2
+    with pytest.raises(ValueError, match="model differs"):
+        finished_run(variant_config(base, "sms+sra"), tmp_path / "run")

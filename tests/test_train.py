@@ -396,8 +396,18 @@ def test_crop_embedding_switch():
     assert not hasattr(m, "crop_grid_embedding")
 
 
+def test_sra_layers_switch_places_the_adapters():
+    assert TrainConfig().model_config().vit.sra_layers == (1,)         # the tiny preset's
+    cfg = TrainConfig(sra_layers=[0, 2]).model_config()
+    assert cfg.vit.sra_layers == (0, 2)
+    assert sorted(HiResLLaVA(cfg).vision_tower.sra.keys()) == ["0", "2"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "steps must be an int >= 1"),
+    (["--sra-layers", "3"], "vit.sra_layers has block 3, but only blocks 0..2"),
+    (["--sra-layers", "x"], "expected block numbers like 0,1"),
+    (["--sra-layers", "1,1"], "a block is listed twice"),
     (["--batch-size", "-1"], "batch_size must be an int >= 1"),
     (["--turns", "0"], "turns must be an int >= 1"),
     (["--threads", "0"], "threads must be an int >= 1 or None"),

@@ -1,14 +1,15 @@
 """`python -m minihires ablate`: train the ablation variants and print their table."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
+from minihires.cli.train import block_list
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
-from minihires.training.ablate import VARIANTS, markdown_table, summary
+from minihires.training.ablate import (VARIANTS, finished_run, markdown_table, summary,
+                                       variant_config)
 from minihires.training.evaluate import results_table
 
 
@@ -33,11 +34,20 @@ def cli_ablate(argv: list[str]) -> int:
                    "continuity for the seam benchmark")
     p.add_argument("--thumbnail-filter", choices=("bicubic", "box"), default=None,
                    help="thumbnail resampling for every variant (default: bicubic)")
+    p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
+                   help="ViT blocks that SliceRestore follows in the SRA variant (default: the "
+                        "preset's)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per run (default: torch's, one per core)")
-    p.add_argument("--runs", default=None,
-                   help="folder for the variants' run folders (default runs/ablate-<timestamp>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--runs", default=None,
+                       help="folder for the variants' run folders (default "
+                            "runs/ablate-<timestamp>)")
+    where.add_argument("--resume", metavar="RUNS", default=None,
+                       help="go on in an earlier ablation's folder: finished runs of the same "
+                            "configuration are read back, interrupted ones resumed, missing "
+                            "ones trained")
     p.add_argument("--out", default=None, help="write the Markdown table here (default RUNS/ablation.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -48,12 +58,16 @@ def cli_ablate(argv: list[str]) -> int:
     base = T.TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          turns=args.turns, lr=args.lr, eval_n=args.eval_n, device=args.device,
                          threads=args.threads, tasks=args.tasks,
-                         thumbnail_filter=args.thumbnail_filter)
+                         thumbnail_filter=args.thumbnail_filter, sra_layers=args.sra_layers)
+
+    def run_config(key: str, seed: int) -> T.TrainConfig:
+        return variant_config(base, key, seed=seed)
+
     with user_input():                     # every run's config, before any training
         for key in args.variants:
             for s in args.seeds:
                 try:
-                    dataclasses.replace(base, seed=s, **VARIANTS[key][1]).validate()
+                    run_config(key, s).validate()
                 except ValueError as e:
                     raise ValueError(f"variant {key}: {e}") from None
     if args.out is not None:                       # checked now, not after hours of training
@@ -66,18 +80,38 @@ def cli_ablate(argv: list[str]) -> int:
     if args.runs is not None and Path(args.runs).exists() and (
             not Path(args.runs).is_dir() or any(Path(args.runs).iterdir())):
         p.error(f"--runs {args.runs} is not an empty folder; choose another folder")
-    with user_input():
-        runs = ckpt.claim_run_dir(args.runs, prefix="ablate-", flag="--runs")
+    done: dict[tuple[str, int], dict | None] = {}
+    if args.resume is not None:
+        runs = Path(args.resume)
+        if not runs.is_dir():
+            p.error(f"--resume {runs}: no such folder")
+        with user_input("--resume: "):         # every run folder checked before any training
+            for key in args.variants:
+                for seed in args.seeds:
+                    if (runs / f"{key}-seed{seed}" / ckpt.CONFIG).is_file():   # else: train
+                        done[key, seed] = finished_run(run_config(key, seed),
+                                                       runs / f"{key}-seed{seed}")
+    else:
+        with user_input():
+            runs = ckpt.claim_run_dir(args.runs, prefix="ablate-", flag="--runs")
     out = Path(args.out) if args.out else runs / "ablation.md"
 
     results: dict[str, list[dict]] = {}
     for key in args.variants:
-        name, switches = VARIANTS[key]
+        name = VARIANTS[key][0]
         for seed in args.seeds:
-            tc = dataclasses.replace(base, seed=seed, **switches)
+            tc = run_config(key, seed)
+            m = done.get((key, seed))
+            if m is not None:
+                print(f"== {name} (seed {seed}): finished in {runs / f'{key}-seed{seed}'}, "
+                      f"read back", flush=True)
+                print(results_table(m, f"{name}, seed {seed}"), flush=True)
+                results.setdefault(key, []).append(m)
+                continue
             print(f"== {name} (seed {seed}): {tc.steps} steps x {tc.batch_size}", flush=True)
             try:
-                m = T.train(tc, runs / f"{key}-seed{seed}", progress=not args.quiet)
+                m = T.train(tc, runs / f"{key}-seed{seed}", resume=(key, seed) in done,
+                            progress=not args.quiet)
             except T.Diverged as e:
                 raise UserError(f"{name}, seed {seed}: {e}") from e
             print(results_table(m, f"{name}, seed {seed}"), flush=True)

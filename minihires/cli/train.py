@@ -21,7 +21,7 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "freeze_vision_at",
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
-                 "whole_canvas", "thumbnail_filter", "tasks",
+                 "whole_canvas", "sra_layers", "thumbnail_filter", "tasks",
                  "warmup_steps", "ckpt_every",
                  "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
@@ -31,6 +31,17 @@ _BUILT_IN = ("turns", "chat_turns", "tasks", "train_max_entities", "freeze_visio
 # ^ the built-in EntityGrid-QA stream's flags, which a --data run would ignore
 _RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
 _PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run")
+
+
+def block_list(value: str) -> list[int]:
+    """"0,2" -> [0, 2]; the model config checks the blocks exist."""
+    try:
+        blocks = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 0,1, got {value!r}")
+    if len(set(blocks)) != len(blocks):
+        raise argparse.ArgumentTypeError(f"a block is listed twice in {value!r}")
+    return sorted(blocks)
 
 
 @command
@@ -83,6 +94,9 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--whole-canvas", dest="whole_canvas", action="store_const", const=True,
                    help="control: one ViT pass over each image's whole canvas of slices "
                         "(nothing is cut); needs --no-sra")
+    p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
+                   help="ViT blocks (0-based) that a SliceRestore adapter follows "
+                        "(default: the preset's; tiny: 1)")
     p.add_argument("--thumbnail-filter", choices=THUMBNAIL_FILTERS, default=None,
                    help="how the image shrinks to the thumbnail (default: bicubic)")
     p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
@@ -222,8 +236,10 @@ def cli_train(argv: list[str]) -> int:
               f"x {tc.turns} questions{' (one conversation)' if tc.chat_turns else ''}, "
               f"lr {tc.lr}, seed {tc.seed}, device {tc.device}"
               + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
-              + f" -> {out}\n  model: slices={model_cfg.use_slices} sra={model_cfg.use_sra} "
-              f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
+              + f" -> {out}\n  model: slices={model_cfg.use_slices} sra="
+              + (f"blocks {','.join(map(str, model_cfg.vit.sra_layers))} "
+                 if model_cfg.use_sra and model_cfg.use_slices else "False ")
+              + f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
               f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}"
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")
               + (f" thumbnail={model_cfg.thumbnail_filter}"

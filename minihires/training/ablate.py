@@ -22,10 +22,13 @@ variant 5's half-slice stride; variant 6.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
+from pathlib import Path
 
 from minihires.analysis import budget
 from minihires.data.batches import data_config
+from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
 
 OVERLAP = 0.5
@@ -53,9 +56,42 @@ def flat(m: dict) -> dict:
             "continuity_gap": cont.get("discrepancy")}
 
 
+SWITCHES = ("use_slices", "use_sra", "compression", "overlap", "crop_embedding", "whole_canvas",
+            "sra_layers", "thumbnail_filter")   # compared through the model they build
+MACHINE = ("device", "threads")               # where a run ran, not what it is
+
+
+def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
+    """The metrics of `run_dir` if it is a finished run of exactly `tc` (so `ablate --resume`
+    reuses it), None if it has no metrics yet (it is resumed or started); ValueError naming
+    the fields when the folder holds another run."""
+    run_dir = Path(run_dir)
+    model_cfg, saved, _ = ckpt.load_config(run_dir)
+    want = dataclasses.asdict(tc)
+    differ = sorted(k for k in want if k not in SWITCHES + MACHINE and saved.get(k) != want[k])
+    built = tc.model_config()
+    built.image_token_index = model_cfg.image_token_index     # set from the run's tokenizer
+    if built != model_cfg:
+        differ.append("model")
+    if differ:
+        raise ValueError(f"{run_dir} is another run than this ablation's: "
+                         f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}")
+    if not (run_dir / ckpt.METRICS).is_file():
+        return None
+    return json.loads((run_dir / ckpt.METRICS).read_text())
+
+
+def variant_config(tc: T.TrainConfig, key: str, **changes) -> T.TrainConfig:
+    """`tc` switched to variant `key`; tc.sra_layers applies to the variants with SRA only
+    (the others keep the preset's, which they do not use)."""
+    switches = VARIANTS[key][1]
+    sra = tc.sra_layers if switches.get("use_sra") else None
+    return dataclasses.replace(tc, sra_layers=sra, **switches, **changes)
+
+
 def vit_gflops(tc: T.TrainConfig, key: str) -> float:
     """ViT (+ SRA) GFLOPs per EntityGrid-QA image for variant `key` (`budget`'s formulas)."""
-    cfg = dataclasses.replace(tc, **VARIANTS[key][1]).model_config()
+    cfg = variant_config(tc, key).model_config()
     data_cfg = data_config(cfg)
     row = budget.budget(data_cfg.width, data_cfg.height, cfg)[-1]      # the HiRes-LLaVA row
     return row.vit / 1e9
@@ -96,11 +132,13 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
                 f"{statistics.fmean(r['train_time_s'] for r in runs):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    sra = tc.sra_layers and any(VARIANTS[k][1].get("use_sra") for k in results)
     lines.append(f"EntityGrid-QA test split, n={tc.eval_n}; accuracy in %, discrepancy = off-seam "
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
                  f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
                  f"{'; tasks ' + ', '.join(tc.tasks) if tc.tasks else ''}"
                  f"{'; thumbnail ' + tc.thumbnail_filter if tc.thumbnail_filter else ''}"
+                 f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     return "\n".join(lines)

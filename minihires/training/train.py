@@ -104,6 +104,7 @@ class TrainConfig:
     compression: str | None = None
     overlap: float | None = None
     whole_canvas: bool | None = None      # the native-resolution control (ModelConfig)
+    sra_layers: list[int] | None = None   # ViT blocks SliceRestore follows (vit.sra_layers)
     thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
     tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
     # the real-model path (`minihires.training.recipe`): LLaVA-format data instead of the
@@ -165,6 +166,9 @@ class TrainConfig:
         need(lambda v: v is None or v in COMPRESSIONS, "compression",
              f"one of {COMPRESSIONS} or None")
         need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
+        need(lambda v: v is None or (isinstance(v, (list, tuple))
+                                     and all(is_int(b, 0) for b in v)),
+             "sra_layers", "a list of block numbers >= 0 or None")
         self.model_config()     # the switches must fit the preset (e.g. overlap needs no SRA)
         self._validate_data(need, is_int, is_num)
         if self.tasks is not None:
@@ -239,6 +243,9 @@ class TrainConfig:
                     for k in ("use_slices", "use_sra", "compression", "overlap", "crop_embedding",
                               "whole_canvas", "thumbnail_filter")}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in switches.items() if v is not None})
+        if self.sra_layers is not None:
+            cfg = dataclasses.replace(cfg, vit=dataclasses.replace(
+                cfg.vit, sra_layers=tuple(self.sra_layers)))
         cfg.validate()
         return cfg
 
@@ -407,6 +414,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "threads": torch.get_num_threads() if device.type == "cpu" else None,
                "preset": tc.preset, "use_slices": model_cfg.use_slices,
                "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
+               "sra_layers": list(model_cfg.vit.sra_layers) if model_cfg.use_sra else None,
                "overlap": model_cfg.overlap, "crop_embedding": model_cfg.crop_embedding,
                "vision_lr_scale": tc.vision_lr_scale, "freeze_vision_at": tc.freeze_vision_at,
                "turns": tc.turns,
