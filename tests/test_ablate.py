@@ -1,5 +1,6 @@
 """`python -m minihires ablate`: every variant trains with one budget; the table reports each
 variant's own run; bad arguments are clear errors."""
+import dataclasses
 import json
 
 import pytest
@@ -105,5 +106,11 @@ def test_a_train_run_folder_counts_as_its_variant(tmp_path):
     T.train(tc, tmp_path / "run", progress=False)
     base = T.TrainConfig(steps=2, batch_size=4, eval_n=9, sra_layers=[0, 1, 2])
     assert finished_run(variant_config(base, "sms"), tmp_path / "run")["steps"] == 2
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    del cfg["train"]["stage"]                   # a folder saved before the field existed
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    assert finished_run(variant_config(base, "sms"), tmp_path / "run")["steps"] == 2
+    with pytest.raises(ValueError, match="steps differs"):
+        finished_run(variant_config(dataclasses.replace(base, steps=3), "sms"), tmp_path / "run")
     with pytest.raises(ValueError, match="model differs"):
         finished_run(variant_config(base, "sms+sra"), tmp_path / "run")

@@ -67,8 +67,9 @@ def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
     the fields when the folder holds another run."""
     run_dir = Path(run_dir)
     model_cfg, saved, _ = ckpt.load_config(run_dir)
-    want = dataclasses.asdict(tc)
-    differ = sorted(k for k in want if k not in SWITCHES + MACHINE and saved.get(k) != want[k])
+    want, default = dataclasses.asdict(tc), dataclasses.asdict(T.TrainConfig())
+    differ = sorted(k for k in want if k not in SWITCHES + MACHINE
+                    and saved.get(k, default[k]) != want[k])   # missing: saved before the field
     built = tc.model_config()
     built.image_token_index = model_cfg.image_token_index     # set from the run's tokenizer
     if built != model_cfg:
