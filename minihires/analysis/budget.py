@@ -89,7 +89,7 @@ def vit_flops(vit: ViTConfig, crops: int, grid: tuple[int, int] = (1, 1)) -> int
 
 def sra_flops(cfg: ModelConfig, grid: tuple[int, int]) -> int:
     """SliceRestore adapters on one image's slice canvas (r*g x c*g tokens)."""
-    if not (cfg.mode == "hires" and cfg.use_slices and cfg.use_sra):
+    if not cfg.sra_runs:
         return 0
     D, g, s, k = cfg.vit.hidden_size, cfg.vit.grid, cfg.sra.downsample, cfg.sra.kernel_size
     Hc, Wc = grid[0] * g, grid[1] * g

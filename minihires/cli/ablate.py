@@ -63,6 +63,9 @@ def cli_ablate(argv: list[str]) -> int:
     def run_config(key: str, seed: int) -> T.TrainConfig:
         return variant_config(base, key, seed=seed)
 
+    def run_dir(key: str, seed: int) -> Path:
+        return runs / f"{key}-seed{seed}"
+
     with user_input():                     # every run's config, before any training
         for key in args.variants:
             for s in args.seeds:
@@ -88,9 +91,8 @@ def cli_ablate(argv: list[str]) -> int:
         with user_input("--resume: "):         # every run folder checked before any training
             for key in args.variants:
                 for seed in args.seeds:
-                    if (runs / f"{key}-seed{seed}" / ckpt.CONFIG).is_file():   # else: train
-                        done[key, seed] = finished_run(run_config(key, seed),
-                                                       runs / f"{key}-seed{seed}")
+                    if (run_dir(key, seed) / ckpt.CONFIG).is_file():   # else: train
+                        done[key, seed] = finished_run(run_config(key, seed), run_dir(key, seed))
     else:
         with user_input():
             runs = ckpt.claim_run_dir(args.runs, prefix="ablate-", flag="--runs")
@@ -103,14 +105,14 @@ def cli_ablate(argv: list[str]) -> int:
             tc = run_config(key, seed)
             m = done.get((key, seed))
             if m is not None:
-                print(f"== {name} (seed {seed}): finished in {runs / f'{key}-seed{seed}'}, "
+                print(f"== {name} (seed {seed}): finished in {run_dir(key, seed)}, "
                       f"read back", flush=True)
                 print(results_table(m, f"{name}, seed {seed}"), flush=True)
                 results.setdefault(key, []).append(m)
                 continue
             print(f"== {name} (seed {seed}): {tc.steps} steps x {tc.batch_size}", flush=True)
             try:
-                m = T.train(tc, runs / f"{key}-seed{seed}", resume=(key, seed) in done,
+                m = T.train(tc, run_dir(key, seed), resume=(key, seed) in done,
                             progress=not args.quiet)
             except T.Diverged as e:
                 raise UserError(f"{name}, seed {seed}: {e}") from e

@@ -238,7 +238,7 @@ def cli_train(argv: list[str]) -> int:
               + (f", {tc.threads or torch.get_num_threads()} thread(s)" if tc.device == "cpu" else "")
               + f" -> {out}\n  model: slices={model_cfg.use_slices} sra="
               + (f"blocks {','.join(map(str, model_cfg.vit.sra_layers))} "
-                 if model_cfg.use_sra and model_cfg.use_slices else "False ")
+                 if model_cfg.sra_runs else "False ")
               + f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
               f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}"
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")

@@ -205,6 +205,11 @@ class ModelConfig:
     thumbnail_filter: str = "bicubic"
     whole_canvas: bool = False
 
+    @property
+    def sra_runs(self) -> bool:
+        """Whether SliceRestore adapters are built and run (HiRes mode, slices on, SRA on)."""
+        return self.mode == "hires" and self.use_slices and self.use_sra
+
     def validate(self) -> None:
         """ValueError naming the first wrong field: each part's own checks, then how the
         parts and switches fit together (only the submodules this config builds count)."""
@@ -225,7 +230,7 @@ class ModelConfig:
                              f"got {self.image_token_index!r}")
         hires, Dv = self.mode == "hires", self.vit.hidden_size
         sampler = hires and self.compression != "none"
-        sra = hires and self.use_slices and self.use_sra
+        sra = self.sra_runs
         self.sms.validate(width=Dv if hires and self.compression == "sms" else None)
         if sampler and self.vit.grid % self.sms.window:
             raise ValueError(f"sms.window {self.sms.window} does not divide the token grid "

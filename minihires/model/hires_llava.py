@@ -64,7 +64,7 @@ class HiResLLaVA(nn.Module):
         cfg.validate()
         self.cfg = cfg
         hires = cfg.mode == "hires"
-        sra = cfg.sra if hires and cfg.use_slices and cfg.use_sra else None
+        sra = cfg.sra if cfg.sra_runs else None
         self.vision_tower = VisionTransformer(cfg.vit, sra)
         Dv, Dl = cfg.vit.hidden_size, cfg.llama.hidden_size
         if hires and cfg.compression != "none":
