@@ -24,31 +24,14 @@ falls in. Each class is then a fixed 4x4 stencil that a single patch embedding c
 apart.
 
 One more kind, for the continuity task: a *board*, whose answer no fragment shows. A board
-is a 2-pixel frame around bands 2 pixels wide that cross a line through its centre; each band
-is a 1-pixel checkerboard whose phase (0 or 1) is its own random bit, the same on both sides
-of the line when the board is whole. A board is *broken* when two bands, not neighbours and
-of different phases, trade phases beyond the line: each of them shifts by one pixel there,
-along its 2 pixels of the line. Why it is built so (all ours):
-
-    not the thumbnail   corners on even pixels, bands on even pixels: every 2x2 block is all
-                        frame or half lit, so a 2x2 box thumbnail (`slicing.crops`) shows
-                        every board alike, broken or not
-    not a fragment      a board that a seam cuts is split along that seam (`split_axis`), so
-                        each slice holds one side: a sequence of band phases. The near side's
-                        sequence is drawn with probability proportional to the swaps it
-                        allows, and a broken board's far side is that sequence after one of
-                        them; a swap is its own inverse, so either side, alone, has the same
-                        distribution whether the board is whole or broken (`board_halves`)
-    no short summary    both sides hold as many bands of each phase, whole or broken: telling
-                        them apart takes the order of every band on both sides, a bit per band
-                        (a board whose halves differ in one bit is answered by the language
-                        model comparing the two bits; docs/results.md)
-    a local mark        the break, 2 pixels of a one-pixel shift, looks like nothing else in a
-                        board (two swapped neighbours would make it 4 pixels long, which is
-                        what the boundary between two bands of the other orientation looks
-                        like). A ViT patch whose middle the line crosses shows it; where the
-                        line runs along patch edges, as it always does on a seam, it lies
-                        between two neighbouring patches
+is a 1-pixel checkerboard in a 2-pixel frame, split by a line through its centre into two
+halves; each half is a checkerboard of phase 0 or 1, and the board is *broken* when the two
+phases differ (a one-pixel shift along the line). Either half alone is a perfect
+checkerboard of a random phase, so telling "broken" from "whole" takes pixels from both
+sides of the line. Boards are drawn unjittered with their corners on even pixels, so that the
+thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) turns every board
+into the same flat blend, broken or not; and a board that straddles a seam is split along
+that seam, so that each slice holds one half and no single slice can answer (`split_axis`).
 
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.
@@ -116,69 +99,29 @@ def draw_entity(draw: ImageDraw.ImageDraw, cls: str, colour: str,
 
 
 BOARD = "board"            # the continuity task's entity kind (not a pattern class)
-BAND = 2                   # a board band's width, pixels: whole 2x2 blocks for the thumbnail
-
-
-def band_count(side: int) -> int:
-    """Bands of a board `side` pixels wide: its interior inside the 2-pixel frame, in bands."""
-    return (side - 4) // BAND
-
-
-def swaps(bands: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The band pairs (i, k) a broken board may trade: not neighbours, different phases."""
-    n = len(bands)
-    return [(i, k) for i in range(n) for k in range(i + 2, n) if bands[i] != bands[k]]
-
-
-def board_halves(n: int, broken: bool, rng) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Band phases (near side, far side) of an n-band board.
-
-    The near side is drawn with probability proportional to len(swaps(side)); a broken board's
-    far side is the near side after one of those swaps, drawn uniformly. The pair (side, swap)
-    is then uniform over all such pairs, and since a swap undoes itself, the far side has the
-    near side's distribution: each side alone says nothing about the answer.
-    """
-    if not isinstance(n, int) or n < 3:
-        raise ValueError(f"a board needs at least 3 bands (a swap of two non-neighbours), got {n!r}")
-    sides = [tuple((k >> i) & 1 for i in range(n)) for k in range(2 ** n)]
-    near = rng.choices(sides, [len(swaps(side)) for side in sides])[0]
-    if not broken:
-        return near, near
-    i, k = rng.choice(swaps(near))
-    far = list(near)
-    far[i], far[k] = near[k], near[i]
-    return near, tuple(far)
 
 
 def draw_board(draw: ImageDraw.ImageDraw, colour: str, bbox: tuple[int, int, int, int],
-               split: tuple[str, tuple[int, ...], tuple[int, ...]]) -> None:
-    """A board in bbox: 2-px frame, bands across the split line with phases split[1] before
-    the line and split[2] after it. split[0]: "v" (a vertical line at the centre column: bands
-    are rows, sides left and right) or "h" (a horizontal line at the centre row: bands are
-    columns, sides above and below)."""
+               split: tuple[str, int, int]) -> None:
+    """A board: 2-px frame, checkerboard inside, phase `split[1]` before the split line and
+    `split[2]` after it. split[0]: "v" (a vertical line at the centre column, halves left and
+    right) or "h" (a horizontal line at the centre row, halves above and below)."""
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {colour!r}")
+    axis, first, second = split
+    if axis not in ("v", "h") or first not in (0, 1) or second not in (0, 1):
+        raise ValueError(f"split must be ('v' or 'h', phase 0/1, phase 0/1), got {split!r}")
     x0, y0, x1, y1 = bbox
-    if x1 - x0 != y1 - y0 or (x1 - x0) % 2 or band_count(x1 - x0) < 3:
-        raise ValueError(f"a board must be square with an even side of at least 10 pixels "
-                         f"(frame + 3 bands), got {bbox}")
-    n = band_count(x1 - x0)
-    axis, near, far = split
-    if (axis not in ("v", "h") or any(len(side) != n or set(side) - {0, 1}
-                                      for side in (near, far))):
-        raise ValueError(f"split must be ('v' or 'h', {n} phases 0/1, {n} phases 0/1), "
-                         f"got {split!r}")
+    if x1 - x0 < 6 or y1 - y0 < 6:
+        raise ValueError(f"a board needs at least 6x6 pixels (frame + interior), got {bbox}")
     rgb = COLOURS[colour]
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=2)   # inclusive corners
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
     lit = []
     for y in range(y0 + 2, y1 - 2):
         for x in range(x0 + 2, x1 - 2):
-            if axis == "v":    # bands are rows, numbered from the top
-                band, beyond = (y - y0 - 2) // BAND, x >= cx
-            else:              # bands are columns, numbered from the left
-                band, beyond = (x - x0 - 2) // BAND, y >= cy
-            if (x + y + (far if beyond else near)[band]) % 2 == 0:
+            phase = second if (x >= cx if axis == "v" else y >= cy) else first
+            if (x + y + phase) % 2 == 0:
                 lit.append((x, y))
     draw.point(lit, fill=rgb)
 
@@ -209,11 +152,11 @@ class Entity:
     position: str
     bbox: tuple[int, int, int, int]   # pixels (x0, y0, x1, y1), x1 and y1 exclusive
     on_seam: bool                     # crosses_seam(bbox, ...): geometry, not the name
-    split: tuple | None = None   # boards only: (axis, near side's bands, far side's bands)
+    split: tuple[str, int, int] | None = None   # boards only: (axis, phase 1st, 2nd half)
 
     @property
     def broken(self) -> bool:
-        """A board whose two sides' band phases differ."""
+        """A board whose two halves' checkerboards are out of phase."""
         return self.split is not None and self.split[1] != self.split[2]
 
     @property
@@ -244,16 +187,16 @@ def split_axis(bbox: tuple[int, int, int, int], slice_size: int, rows: int, cols
 
 
 def place_board(colour: str, position: str, cfg, broken: bool, rng) -> Entity:
-    """A board of cfg.entity_px pixels (rounded down to even) at `position`: no jitter, corners
-    on even pixels, split along a seam that cuts it, band phases from `board_halves`."""
+    """A board of cfg.entity_px pixels at `position`: no jitter, corners on even pixels,
+    split along a seam that cuts it, halves' phases drawn from `rng` (different if broken)."""
     cx, cy = centre(position, cfg.width, cfg.height)
-    side = cfg.entity_px & ~1
-    x0, y0 = (cx - side // 2) & ~1, (cy - side // 2) & ~1
-    bbox = (x0, y0, x0 + side, y0 + side)
+    x0, y0 = (cx - cfg.entity_px // 2) & ~1, (cy - cfg.entity_px // 2) & ~1
+    bbox = (x0, y0, x0 + cfg.entity_px, y0 + cfg.entity_px)
     axis = split_axis(bbox, cfg.slice_size, cfg.rows, cfg.cols, rng)
-    near, far = board_halves(band_count(side), broken, rng)
+    first = rng.randint(0, 1)
     return Entity(BOARD, colour, position, bbox,
-                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols), (axis, near, far))
+                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols),
+                  (axis, first, 1 - first if broken else first))
 
 
 def render(entities: Iterable[Entity], cfg) -> Image.Image:
