@@ -1,0 +1,106 @@
+"""The seam-board experiment's boards keep the benchmark's promises, checked on pixels: box
+thumbnails alike for both answers, each slice of a seam-cut board also given by a board with
+the other answer, no count that tells the sides apart; and its two commands run.
+
+Not part of the unit suite: `python -m pytest experiments` runs it."""
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import seam_boards as SB
+from minihires.data import entities, entitygrid
+from minihires.model import slicing
+
+CFG = SB.CFG
+SEAM_CUT = [p for p in entities.POSITIONS if p in ("top", "left", "right", "bottom")]
+
+
+def crops(board, position, split):
+    e = SB.place(board)("red", position, CFG, False, random.Random(0))
+    e = entities.Entity(entities.BOARD, "red", position, e.bbox, e.on_seam, (e.split[0], *split))
+    image = Image.new("RGB", (CFG.width, CFG.height))
+    SB.draw(board)(ImageDraw.Draw(image), "red", e.bbox, e.split)
+    return e, slicing.crops(image, (CFG.rows, CFG.cols), CFG.slice_size, 0.0, "box")
+
+
+@pytest.mark.parametrize("board", ["A", "B", "C"])
+def test_boards_hide_the_answer_from_the_thumbnail_and_from_each_slice(board):
+    rng = random.Random(board)
+    for position in SEAM_CUT:
+        for _ in range(4):
+            near, far = SB.halves(board, True, rng)
+            assert near != far and sorted(near) == sorted(far)        # no count tells them apart
+            e, broken = crops(board, position, (near, far))
+            assert e.on_seam
+            _, whole_near = crops(board, position, (near, near))
+            _, whole_far = crops(board, position, (far, far))
+            assert torch.equal(broken[0], whole_near[0]) and torch.equal(broken[0], whole_far[0])
+            for k in range(1, 5):
+                assert torch.equal(broken[k], whole_near[k]) or torch.equal(broken[k], whole_far[k])
+            assert not torch.equal(broken, whole_near)
+
+
+def test_board_b_swaps_two_bands_that_are_not_neighbours():
+    rng = random.Random(0)
+    for _ in range(200):
+        near, far = SB.halves("B", True, rng)
+        changed = [i for i in range(6) if near[i] != far[i]]
+        assert len(changed) == 2 and changed[1] - changed[0] >= 2
+        near, far = SB.halves("A", True, rng)
+        changed = [i for i in range(6) if near[i] != far[i]]
+        assert len(changed) == 2 and changed[1] - changed[0] == 1
+
+
+def test_use_puts_the_board_in_the_generator(monkeypatch):
+    monkeypatch.setattr(entities, "draw_board", entities.draw_board)
+    monkeypatch.setattr(entitygrid, "place_board", entitygrid.place_board)
+    before = [s.image.tobytes() for s in entitygrid.test_split(8, CFG)]
+    SB.use("C")
+    after = entitygrid.test_split(8, CFG)
+    cont = [i for i, s in enumerate(after) if s.task == "continuity"]
+    assert cont and all(len(after[i].entities[0].split[1]) == 12 for i in cont)
+    assert all(before[i] != after[i].image.tobytes() for i in cont)
+    assert all(before[i] == after[i].image.tobytes() for i in range(8) if i not in cont)
+
+
+def test_probe_runs_and_reports_both_line_placements():
+    x, y, mid, board = SB.slice_batch("B", random.Random(0), 64)
+    assert x.shape == (64, 3, CFG.slice_size, CFG.slice_size) and 10 < int(y.sum()) < 54
+    assert 0 < int(mid.sum()) < 64 and board.all()     # both kinds of off-seam line occur
+    x, y, mid, board = SB.slice_batch("C", random.Random(0), 64, classes=True)
+    assert 10 < int(board.sum()) < 54 and ((y >= 2) == ~board).all() and int(y.max()) <= 9
+    assert not mid[~board].any()
+    lines = []
+    _, curve = SB.probe("phase", 2, every=1, progress=lines.append)
+    assert [c[0] for c in curve] == [1, 2] and len(lines) == 2
+    assert all(0.0 <= a <= 1.0 for c in curve for a in c[1:4])
+    _, curve = SB.probe("C", 1, progress=lines.append, classes=True)
+    assert "classes" in lines[-1] and 0.0 <= curve[-1][4] <= 1.0
+
+
+def test_command_line_errors_name_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        SB.cli_seam_boards(["probe", "--board", "D"])
+    assert "--board" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        SB.cli_seam_boards(["probe", "--board", "C", "--steps", "0"])
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_with_encoder_starts_training_from_the_saved_vit(tmp_path, monkeypatch):
+    from minihires.model.config import tiny
+    from minihires.training import train as T
+    monkeypatch.setattr(T, "HiResLLaVA", T.HiResLLaVA)
+    vit, _ = SB.probe("phase", 1, progress=lambda line: None)
+    weights = {k: v for k, v in vit.state_dict().items() if not k.startswith("sra.")}
+    torch.save(weights, tmp_path / "vit.pt")
+    SB.with_encoder(str(tmp_path / "vit.pt"))
+    model = T.HiResLLaVA(tiny())
+    got = model.vision_tower.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in weights.items())
+    torch.save({"not.a.vit.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    SB.with_encoder(str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="does not fit"):
+        T.HiResLLaVA(tiny())
