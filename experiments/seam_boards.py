@@ -12,16 +12,21 @@ board with the other answer):
     A  6 bands 2 px wide across the line, each a 1-pixel checkerboard of its own phase;
        broken: two neighbouring bands of different phases trade phases beyond the line
     B  as A, the two bands not neighbours (each break is 2 px long: a ViT patch that no whole
-       board contains); near side drawn in proportion to its swaps, so either side alone has
-       exactly the same distribution for both answers
-    C  12 rows (v) or columns (h) 1 px wide, each alternating along the line with its own
-       phase, half of them phase 1; broken: every row shifts by one pixel at the line
+       board contains)
+    C  12 rows (v) or columns (h) 1 px wide that cross the line, each lit on every other
+       pixel with its own phase, half of them phase 1; broken: every row shifts by one pixel
+       at the line
+
+Either side alone has exactly the same distribution for both answers: on A and B the near
+side is drawn in proportion to the swaps it allows and a swap undoes itself; on C the far side
+of a broken board is the near side's complement, another balanced sequence.
 
 Two commands, with --board A, B, C, or phase (the package's own board, for comparison):
 
     probe    the tiny ViT alone, a linear head on its mean token, trained to tell broken from
              whole inside one slice (off-seam positions); held-out accuracy, split by where
-             the line runs (through patches' middles, or along their edges)
+             the line runs (through patches' middles, or along their edges). --classes also
+             teaches the 8 pattern classes (an encoder pretrained on every entity kind, whole)
     ablate   `python -m minihires ablate ...` (the arguments after --) with this board in
              place of the package's; --encoder FILE first loads a ViT that `probe --save FILE`
              wrote (the SliceRestore adapters stay new)

@@ -42,6 +42,23 @@ def test_boards_hide_the_answer_from_the_thumbnail_and_from_each_slice(board):
             assert not torch.equal(broken, whole_near)
 
 
+@pytest.mark.parametrize("neighbours", [True, False])
+def test_either_side_alone_has_the_same_distribution_for_both_answers(neighbours):
+    """By enumeration, boards A and B: P(near side) = P(far side of a broken board)."""
+    from collections import Counter
+    from fractions import Fraction
+    sides = [tuple((k >> i) & 1 for i in range(6)) for k in range(64)]
+    weight = {s: Fraction(len(SB._swaps(s, neighbours))) for s in sides}
+    near = {s: w / sum(weight.values()) for s, w in weight.items()}
+    far = Counter()
+    for s in sides:
+        for i, k in SB._swaps(s, neighbours):
+            swapped = list(s)
+            swapped[i], swapped[k] = s[k], s[i]
+            far[tuple(swapped)] += near[s] / len(SB._swaps(s, neighbours))
+    assert {s: far[s] for s in sides} == near
+
+
 def test_board_b_swaps_two_bands_that_are_not_neighbours():
     rng = random.Random(0)
     for _ in range(200):
