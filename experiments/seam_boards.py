@@ -43,7 +43,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from minihires.cli.errors import ArgumentParser, command
+from minihires.cli.errors import ArgumentParser, command, user_input
 from minihires.data import entities, entitygrid
 from minihires.model import slicing
 from minihires.model.config import tiny
@@ -242,9 +242,10 @@ def cli_seam_boards(argv: list[str]) -> int:
                        args.save)
             print(f"wrote {args.save}")
         return 0
-    use(args.board)
     if args.encoder:
-        with_encoder(args.encoder)
+        with user_input("--encoder: "):          # a missing or unreadable file: one error line
+            with_encoder(args.encoder)
+    use(args.board)
     from minihires.cli.ablate import cli_ablate
     return cli_ablate(rest)
 

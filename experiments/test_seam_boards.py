@@ -104,6 +104,9 @@ def test_command_line_errors_name_the_flag(capsys):
     with pytest.raises(SystemExit):
         SB.cli_seam_boards(["probe", "--board", "C", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        SB.cli_seam_boards(["ablate", "--board", "C", "--encoder", "/nonexistent/vit.pt"])
+    assert "--encoder" in capsys.readouterr().err
 
 
 def test_with_encoder_starts_training_from_the_saved_vit(tmp_path, monkeypatch):
