@@ -29,7 +29,8 @@ Two commands, with --board A, B, C, or phase (the package's own board, for compa
              teaches the 8 pattern classes (an encoder pretrained on every entity kind, whole)
     ablate   `python -m minihires ablate ...` (the arguments after --) with this board in
              place of the package's; --encoder FILE first loads a ViT that `probe --save FILE`
-             wrote (the SliceRestore adapters stay new)
+             or `seam_pretrain.py --save FILE` wrote, --sra-encoder FILE another one for the
+             variants with SliceRestore adapters (adapters not in the file stay new)
 
 docs/results.md, "Boards that only a local comparison answers", has the measured tables and
 the commands. Choices are ours: sizes, AdamW at lr 1e-3, batch 64, 512 held-out slices.
@@ -197,16 +198,24 @@ def probe(board: str, steps: int, seed: int = 0, every: int = 100, progress=prin
     return vit, curve
 
 
-def with_encoder(path: str) -> None:
-    """Make `train` start from the ViT weights at `path` (everything but the adapters)."""
+def with_encoder(path: str | None, sra_path: str | None = None) -> None:
+    """Make `train` start from the ViT weights at `path` (variants without adapters) or at
+    `sra_path` (variants with them; default `path`). A file may hold adapters
+    (`seam_pretrain.py --save`); they must then be the variant's, else the adapters stay new."""
     from minihires.training import train as T
-    weights, build = torch.load(path, weights_only=True), T.HiResLLaVA
+    files = {False: path, True: sra_path or path}
+    weights = {k: torch.load(f, weights_only=True) for k, f in files.items() if f}
+    build = T.HiResLLaVA
 
     def pretrained(cfg):
         model = build(cfg)
-        missing, unexpected = model.vision_tower.load_state_dict(weights, strict=False)
+        has_sra = len(model.vision_tower.sra) > 0
+        if has_sra not in weights:
+            return model
+        f = files[has_sra]
+        missing, unexpected = model.vision_tower.load_state_dict(weights[has_sra], strict=False)
         if unexpected or any(not k.startswith("sra.") for k in missing):
-            raise ValueError(f"{path} does not fit this ViT: missing {missing}, "
+            raise ValueError(f"{f} does not fit this ViT: missing {missing}, "
                              f"unexpected {unexpected}")
         return model
     T.HiResLLaVA = pretrained
@@ -227,6 +236,8 @@ def cli_seam_boards(argv: list[str]) -> int:
     p.add_argument("--classes", action="store_true",
                    help="probe: also teach the pattern classes (half the crops), boards in any colour")
     p.add_argument("--encoder", default=None, help="ablate: start from these ViT weights")
+    p.add_argument("--sra-encoder", default=None,
+                   help="ablate: the variants with SliceRestore start from these instead")
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
     if args.what == "probe":
@@ -242,9 +253,9 @@ def cli_seam_boards(argv: list[str]) -> int:
                        args.save)
             print(f"wrote {args.save}")
         return 0
-    if args.encoder:
+    if args.encoder or args.sra_encoder:
         with user_input("--encoder: "):          # a missing or unreadable file: one error line
-            with_encoder(args.encoder)
+            with_encoder(args.encoder, args.sra_encoder)
     use(args.board)
     from minihires.cli.ablate import cli_ablate
     return cli_ablate(rest)
