@@ -12,9 +12,11 @@ kind C shows each slice a side whose distribution is the same for both answers, 
 SRA only a sum of per-slice features reaches the head; with SRA a token at the seam can look
 across it. Held-out accuracy is split into on-seam and off-seam boards.
 
-Both arms start from the same `probe --save` weights and see the same samples in the same
-order (one rng); only the adapters differ. `--save` writes the ViT with its adapters, which
-`seam_boards.py ablate --encoder` loads into the variant with the same --sra-layers.
+`--whole` runs the ViT once over the uncut canvas instead, as the whole-canvas control does.
+Every arm starts from the same `probe --save` weights and sees the same samples in the same
+order (one rng); only the encoder's view of the canvas differs. `--save` writes the ViT with
+its adapters, which `seam_boards.py ablate --encoder` (no adapters) or `--sra-encoder` loads
+into the variants of its kind.
 Choices are ours: AdamW at lr 1e-3, batch 32 canvases, 512 held-out canvases.
 """
 from __future__ import annotations
@@ -73,9 +75,14 @@ def canvas_batch(board: str, rng, n: int, classes: bool = False):
             torch.stack(masks))
 
 
-def canvas_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Slices [n*R*C, 3, S, S] -> the patch tokens on their canvases [n, R*g, C*g, D]."""
+def canvas_tokens(vit: VisionTransformer, x: torch.Tensor, whole: bool = False) -> torch.Tensor:
+    """Slices [n*R*C, 3, S, S] -> the patch tokens on their canvases [n, R*g, C*g, D]: each
+    slice encoded alone, or (`whole`) one pass over the stitched canvas, nothing cut."""
     n = x.shape[0] // (R * C)
+    if whole:
+        x = x.reshape(n, R, C, 3, S, S).permute(0, 3, 1, 4, 2, 5)        # (n, 3, R, S, C, S)
+        t = vit(x.reshape(n, 3, R * S, C * S))[:, 1:]                   # (n, R*g*C*g, D)
+        return t.reshape(n, R * S // vit.cfg.patch_size, C * S // vit.cfg.patch_size, -1)
     t = vit(x, [(R, C)] * n)[:, 1:]                                     # (n*R*C, g*g, D)
     g = int(t.shape[1] ** 0.5)
     t = t.reshape(n, R, C, g, g, -1).permute(0, 1, 3, 2, 4, 5)          # (n, R, g, C, g, D)
@@ -98,9 +105,12 @@ def build_vit(sra_layers: tuple[int, ...], init: dict | None = None) -> VisionTr
 
 def pretrain(board: str, steps: int, sra_layers: tuple[int, ...], init: dict | None = None,
              seed: int = 0, every: int = 100, batch: int = 32, classes: bool = False,
-             progress=print):
-    """Train `build_vit(sra_layers, init)` and a linear head on `canvas_batch`;
+             whole: bool = False, progress=print):
+    """Train `build_vit(sra_layers, init)` and a linear head on `canvas_batch` (`whole`: the
+    ViT over the whole canvas, as the whole-canvas control runs it);
     -> (vit, [(step, on-seam board acc, off-seam board acc, class acc)])."""
+    if whole and sra_layers:
+        raise ValueError("a whole-canvas pass cuts nothing, so it takes no adapters")
     torch.manual_seed(seed)
     vit = build_vit(sra_layers, init)
     head = torch.nn.Linear(vit.cfg.hidden_size, 2 + len(entities.CLASSES) * classes)
@@ -110,7 +120,7 @@ def pretrain(board: str, steps: int, sra_layers: tuple[int, ...], init: dict | N
     tx, ty, tseam, tboard, tmask = canvas_batch(board, random.Random(seed + 99), 512, classes)
 
     def logits(x, mask):                             # mean of the entity's tokens
-        t = canvas_tokens(vit, x)                                       # (n, R*g, C*g, D)
+        t = canvas_tokens(vit, x, whole)                                # (n, R*g, C*g, D)
         w = mask.unsqueeze(-1).to(t.dtype)                              # (n, R*g, C*g, 1)
         return head((t * w).sum((1, 2)) / w.sum((1, 2)))                # (n, classes)
     curve = []
@@ -152,10 +162,14 @@ def cli_seam_pretrain(argv: list[str]) -> int:
     p.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--classes", action="store_true", help="also teach the pattern classes")
+    p.add_argument("--whole", action="store_true",
+                   help="one ViT pass over the whole canvas, nothing cut (needs --sra-layers none)")
     p.add_argument("--save", default=None, help="write the ViT and its adapters here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.batch < 1:
         p.error("--steps, --every and --batch must be >= 1")
+    if args.whole and args.sra_layers:
+        p.error("--whole cuts nothing, so it takes no adapters: use --sra-layers none")
     if any(b < 0 or b >= tiny().vit.num_hidden_layers for b in args.sra_layers):
         p.error(f"--sra-layers: blocks run 0..{tiny().vit.num_hidden_layers - 1}")
     if args.threads is not None:
@@ -167,8 +181,9 @@ def cli_seam_pretrain(argv: list[str]) -> int:
             build_vit(args.sra_layers, init)     # fits, or one line says what does not
     t = time.time()
     vit, _ = pretrain(args.board, args.steps, args.sra_layers, init, args.seed, args.every,
-                      args.batch, args.classes)
-    print(f"board {args.board}, SRA after {list(args.sra_layers) or 'no block'}: "
+                      args.batch, args.classes, args.whole)
+    what = "whole canvas" if args.whole else f"SRA after {list(args.sra_layers) or 'no block'}"
+    print(f"board {args.board}, {what}: "
           f"{args.steps} steps in {time.time() - t:.0f} s")
     if args.save:
         torch.save(vit.state_dict(), args.save)

@@ -58,6 +58,38 @@ def test_only_the_adapters_let_a_slice_see_its_neighbour(sra):
     assert bool(reaches) == bool(sra)
 
 
+def test_whole_canvas_tokens_are_the_whole_canvas_control_s_and_see_across_the_seam():
+    from minihires.model.hires_llava import HiResLLaVA
+    torch.manual_seed(0)
+    model = HiResLLaVA(dataclasses.replace(tiny(), use_sra=False, whole_canvas=True)).eval()
+    vit = SP.build_vit(())
+    vit.load_state_dict(model.vision_tower.state_dict())
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)   # one canvas, 2 x 2 slices
+    t = SP.canvas_tokens(vit, x, whole=True)            # (1, 16, 16, D)
+    thumb = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():                               # the control's per-slice pieces
+        want = model._whole_canvas_features(torch.cat([thumb, x]), [(2, 2)])[1:]  # (4, 8, 8, D)
+    got = t.detach().reshape(2, 8, 2, 8, -1).permute(0, 2, 1, 3, 4).reshape(4, 8, 8, -1)
+    torch.testing.assert_close(got, want)
+    t[0, :8, 7].sum().backward()                        # slice 0's column at the seam
+    assert x.grad[1].abs().sum() > 0                    # reaches slice 1 with no adapters
+
+
+def test_whole_canvas_pretraining_runs_and_its_weights_load_into_the_whole_variant(monkeypatch,
+                                                                                 tmp_path):
+    from minihires.training import train as T
+    monkeypatch.setattr(T, "HiResLLaVA", T.HiResLLaVA)
+    vit, curve = SP.pretrain("C", 1, (), batch=4, whole=True, progress=lambda line: None)
+    assert [c[0] for c in curve] == [1]
+    torch.save(vit.state_dict(), tmp_path / "whole.pt")
+    SB.with_encoder(str(tmp_path / "whole.pt"))
+    got = T.HiResLLaVA(dataclasses.replace(tiny(), use_sra=False, whole_canvas=True))
+    got = got.vision_tower.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in vit.state_dict().items())
+    with pytest.raises(ValueError, match="takes no adapters"):
+        SP.pretrain("C", 1, (0,), batch=4, whole=True, progress=lambda line: None)
+
+
 def test_pretrain_learns_and_its_weights_load_into_the_matching_variant(tmp_path, monkeypatch):
     from minihires.training import train as T
     monkeypatch.setattr(T, "HiResLLaVA", T.HiResLLaVA)
@@ -83,6 +115,9 @@ def test_command_line_errors_name_the_flag(capsys, tmp_path):
     with pytest.raises(SystemExit):
         SP.cli_seam_pretrain(["--board", "C", "--sra-layers", "7"])
     assert "--sra-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        SP.cli_seam_pretrain(["--board", "C", "--sra-layers", "1", "--whole"])
+    assert "--whole cuts nothing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         SP.cli_seam_pretrain(["--board", "C", "--sra-layers", "none", "--init", "/nonexistent.pt"])
     assert "--init" in capsys.readouterr().err
