@@ -1,6 +1,6 @@
 """The lookup experiment: its questions have one right answer, and the LLM can learn them.
 
-Not part of the unit suite: `python -m pytest experiments` runs it (about a minute)."""
+Part of the suite: `python -m pytest` collects experiments/ too (this file: about a minute)."""
 import pytest
 import torch
 

@@ -2,7 +2,7 @@
 thumbnails alike for both answers, each slice of a seam-cut board also given by a board with
 the other answer, no count that tells the sides apart; and its two commands run.
 
-Not part of the unit suite: `python -m pytest experiments` runs it."""
+Part of the suite: `python -m pytest` collects experiments/ too."""
 import random
 
 import pytest

@@ -2,7 +2,7 @@
 geometry says, its tokens land on the right canvas cells, a slice's tokens see another slice
 only through the adapters, and its weights load into the main job's variant.
 
-Not part of the unit suite: `python -m pytest experiments` runs it."""
+Part of the suite: `python -m pytest` collects experiments/ too."""
 import dataclasses
 import random
 

@@ -1,6 +1,6 @@
 """The step-cost script runs and prints its four parts (FLOPs, phases, forward by part, ops).
 
-Not part of the unit suite: `python -m pytest experiments` runs it."""
+Part of the suite: `python -m pytest` collects experiments/ too."""
 import step_cost
 
 
