@@ -58,7 +58,7 @@ def test_only_the_adapters_let_a_slice_see_its_neighbour(sra):
     assert bool(reaches) == bool(sra)
 
 
-def test_whole_canvas_tokens_are_the_whole_canvas_control_s_and_see_across_the_seam():
+def test_whole_canvas_tokens_match_the_whole_canvas_control_and_see_across_the_seam():
     from minihires.model.hires_llava import HiResLLaVA
     torch.manual_seed(0)
     model = HiResLLaVA(dataclasses.replace(tiny(), use_sra=False, whole_canvas=True)).eval()
@@ -69,7 +69,8 @@ def test_whole_canvas_tokens_are_the_whole_canvas_control_s_and_see_across_the_s
     thumb = torch.zeros(1, 3, 32, 32)
     with torch.no_grad():                               # the control's per-slice pieces
         want = model._whole_canvas_features(torch.cat([thumb, x]), [(2, 2)])[1:]  # (4, 8, 8, D)
-    got = t.detach().reshape(2, 8, 2, 8, -1).permute(0, 2, 1, 3, 4).reshape(4, 8, 8, -1)
+    got = t.detach().reshape(2, 8, 2, 8, -1).permute(0, 2, 1, 3, 4)  # (2 rows, 2 cols, 8, 8, D)
+    got = got.reshape(4, 8, 8, -1)                      # the slices' pieces, raster order
     torch.testing.assert_close(got, want)
     t[0, :8, 7].sum().backward()                        # slice 0's column at the seam
     assert x.grad[1].abs().sum() > 0                    # reaches slice 1 with no adapters
