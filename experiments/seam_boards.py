@@ -1,13 +1,14 @@
-"""`python experiments/seam_boards.py`: continuity boards that no summary of a side answers.
+"""`python experiments/seam_boards.py`: the continuity boards that were tried.
 
-An experiment outside the package. EntityGrid-QA's continuity board (`minihires.data.
-entities.draw_board`) has two halves of one phase bit each, and the language model answers by
-comparing the bits across slices (docs/results.md, "What the benchmark measures"). The boards
-here take that shortcut away: both sides hold as many bands of each phase, whole or broken,
-so the answer takes the order of every band on both sides. Like the package's board, each
-has a 2-pixel frame, corners on even pixels (identical box thumbnails for both answers), and
-is split along the seam that cuts it (each slice of a seam-cut board is also given by a
-board with the other answer):
+An experiment outside the package. EntityGrid-QA's first continuity board, *phase*, had two
+halves of one phase bit each, and the language model answered by comparing the bits across
+slices (docs/results.md, "What the benchmark measures"). The boards here take that shortcut
+away: both sides hold as many bands of each phase, whole or broken, so the answer takes the
+order of every band on both sides. Board C won and is now the package's board
+(`minihires.data.entities.draw_board`); phase, A and B stay here so that the results'
+earlier commands still run. Each has a 2-pixel frame, corners on even pixels (identical box
+thumbnails for both answers), and is split along the seam that cuts it (each slice of a
+seam-cut board is also given by a board with the other answer):
 
     A  6 bands 2 px wide across the line, each a 1-pixel checkerboard of its own phase;
        broken: two neighbouring bands of different phases trade phases beyond the line
@@ -15,22 +16,22 @@ board with the other answer):
        board contains)
     C  12 rows (v) or columns (h) 1 px wide that cross the line, each lit on every other
        pixel with its own phase, half of them phase 1; broken: every row shifts by one pixel
-       at the line
+       at the line (the package's board)
+    phase  a 1-pixel checkerboard, each half of phase 0 or 1; broken: the phases differ
 
 Either side alone has exactly the same distribution for both answers: on A and B the near
 side is drawn in proportion to the swaps it allows and a swap undoes itself; on C the far side
 of a broken board is the near side's complement, another balanced sequence.
 
-Two commands, with --board A, B, C, or phase (the package's own board, for comparison):
+Two commands, with --board A, B, C or phase:
 
     probe    the tiny ViT alone, a linear head on its mean token, trained to tell broken from
              whole inside one slice (off-seam positions); held-out accuracy, split by where
              the line runs (through patches' middles, or along their edges). --classes also
              teaches the 8 pattern classes (an encoder pretrained on every entity kind, whole)
-    ablate   `python -m minihires ablate ...` (the arguments after --) with this board in
-             place of the package's; --encoder FILE first loads a ViT that `probe --save FILE`
-             or `seam_pretrain.py --save FILE` wrote, --sra-encoder FILE another one for the
-             variants with SliceRestore adapters (adapters not in the file stay new)
+    ablate   `python -m minihires ablate ...` (the arguments after --, `--vit-init FILE`
+             among them for a ViT that `probe --save FILE` wrote) with this board in place of
+             the package's
 
 docs/results.md, "Boards that only a local comparison answers", has the measured tables and
 the commands. Choices are ours: sizes, AdamW at lr 1e-3, batch 64, 512 held-out slices.
@@ -44,7 +45,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from minihires.cli.errors import ArgumentParser, command, user_input
+from minihires.cli.errors import ArgumentParser, command
 from minihires.data import entities, entitygrid
 from minihires.model import slicing
 from minihires.model.config import tiny
@@ -52,7 +53,7 @@ from minihires.model.vit import VisionTransformer
 
 CFG = entitygrid.EntityGridConfig(tasks=entitygrid.TASKS)
 OFF_SEAM = ("top left", "top right", "bottom left", "bottom right")
-PACKAGE_BOARD = (entities.draw_board, entities.place_board)   # before `use` replaces them
+PACKAGE_BOARD = (entities.draw_board, entities.place_board)   # board C; `use` replaces them
 BOARDS = ("A", "B", "C", "phase")
 
 
@@ -67,10 +68,7 @@ def _swaps(side, neighbours: bool):
 def halves(board: str, broken: bool, rng) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(near side, far side) phases of a 16-pixel board of kind `board`."""
     if board == "C":
-        near = [0] * 12
-        for i in rng.sample(range(12), 6):
-            near[i] = 1
-        return tuple(near), tuple(1 - v for v in near) if broken else tuple(near)
+        return entities.board_halves(12, broken, rng)
     neighbours = board == "A"
     sides = [tuple((k >> i) & 1 for i in range(6)) for k in range(64)]
     near = rng.choices(sides, [len(_swaps(s, neighbours)) for s in sides])[0]
@@ -82,14 +80,27 @@ def halves(board: str, broken: bool, rng) -> tuple[tuple[int, ...], tuple[int, .
     return near, tuple(far)
 
 
-def draw(board: str):
-    """A `draw_board(draw, colour, bbox, split)` for boards of kind `board` ("phase": the
-    package's own one-bit board, for comparison)."""
-    if board == "phase":
-        return PACKAGE_BOARD[0]
-    width = 1 if board == "C" else 2
+def draw_phase(d, colour, bbox, split):
+    """The phase board: 2-px frame, a checkerboard of phase split[1] before the centre line
+    and split[2] after it."""
+    axis, first, second = split
+    x0, y0, x1, y1 = bbox
+    rgb = entities.COLOURS[colour]
+    d.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=2)
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    d.point([(x, y) for y in range(y0 + 2, y1 - 2) for x in range(x0 + 2, x1 - 2)
+             if (x + y + (second if (x >= cx if axis == "v" else y >= cy) else first)) % 2 == 0],
+            fill=rgb)
 
-    def draw_board(d, colour, bbox, split):
+
+def draw(board: str):
+    """A `draw_board(draw, colour, bbox, split)` for boards of kind `board`."""
+    if board == "C":
+        return PACKAGE_BOARD[0]
+    if board == "phase":
+        return draw_phase
+
+    def draw_board(d, colour, bbox, split):          # A and B: 6 bands of checks, 2 px wide
         axis, near, far = split
         x0, y0, x1, y1 = bbox
         rgb = entities.COLOURS[colour]
@@ -98,11 +109,9 @@ def draw(board: str):
         lit = []
         for y in range(y0 + 2, y1 - 2):
             for x in range(x0 + 2, x1 - 2):
-                band, beyond, along = (((y - y0 - 2) // width, x >= cx, x) if axis == "v"
-                                       else ((x - x0 - 2) // width, y >= cy, y))
-                phase = (far if beyond else near)[band]
-                on = (along + phase) if board == "C" else (x + y + phase)  # stripes / checks
-                if on % 2 == 0:
+                band, beyond = ((y - y0 - 2) // 2, x >= cx) if axis == "v" else \
+                    ((x - x0 - 2) // 2, y >= cy)
+                if (x + y + (far if beyond else near)[band]) % 2 == 0:
                     lit.append((x, y))
         d.point(lit, fill=rgb)
     return draw_board
@@ -110,8 +119,9 @@ def draw(board: str):
 
 def place(board: str):
     """A `place_board(colour, position, cfg, broken, rng)` for boards of kind `board`."""
-    if board == "phase":
+    if board == "C":
         return PACKAGE_BOARD[1]
+
     def place_board(colour, position, cfg, broken, rng):
         if cfg.entity_px != 16:
             raise ValueError(f"these boards are 16 px; got entity_px {cfg.entity_px}")
@@ -119,7 +129,11 @@ def place(board: str):
         x0, y0 = (cx - 8) & ~1, (cy - 8) & ~1
         bbox = (x0, y0, x0 + 16, y0 + 16)
         axis = entities.split_axis(bbox, cfg.slice_size, cfg.rows, cfg.cols, rng)
-        near, far = halves(board, broken, rng)
+        if board == "phase":
+            first = rng.randint(0, 1)
+            near, far = first, 1 - first if broken else first
+        else:
+            near, far = halves(board, broken, rng)
         return entities.Entity(entities.BOARD, colour, position, bbox,
                                entities.crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols),
                                (axis, near, far))
@@ -198,29 +212,6 @@ def probe(board: str, steps: int, seed: int = 0, every: int = 100, progress=prin
     return vit, curve
 
 
-def with_encoder(path: str | None, sra_path: str | None = None) -> None:
-    """Make `train` start from the ViT weights at `path` (variants without adapters) or at
-    `sra_path` (variants with them; default `path`). A file may hold adapters
-    (`seam_pretrain.py --save`); they must then be the variant's, else the adapters stay new."""
-    from minihires.training import train as T
-    files = {False: path, True: sra_path or path}
-    weights = {k: torch.load(f, weights_only=True) for k, f in files.items() if f}
-    build = T.HiResLLaVA
-
-    def pretrained(cfg):
-        model = build(cfg)
-        has_sra = len(model.vision_tower.sra) > 0
-        if has_sra not in weights:
-            return model
-        f = files[has_sra]
-        missing, unexpected = model.vision_tower.load_state_dict(weights[has_sra], strict=False)
-        if unexpected or any(not k.startswith("sra.") for k in missing):
-            raise ValueError(f"{f} does not fit this ViT: missing {missing}, "
-                             f"unexpected {unexpected}")
-        return model
-    T.HiResLLaVA = pretrained
-
-
 @command
 def cli_seam_boards(argv: list[str]) -> int:
     p = ArgumentParser(prog="python experiments/seam_boards.py",
@@ -235,9 +226,6 @@ def cli_seam_boards(argv: list[str]) -> int:
     p.add_argument("--save", default=None, help="probe: write the ViT's weights here")
     p.add_argument("--classes", action="store_true",
                    help="probe: also teach the pattern classes (half the crops), boards in any colour")
-    p.add_argument("--encoder", default=None, help="ablate: start from these ViT weights")
-    p.add_argument("--sra-encoder", default=None,
-                   help="ablate: the variants with SliceRestore start from these instead")
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
     if args.what == "probe":
@@ -253,9 +241,6 @@ def cli_seam_boards(argv: list[str]) -> int:
                        args.save)
             print(f"wrote {args.save}")
         return 0
-    if args.encoder or args.sra_encoder:
-        with user_input("--encoder: "):          # a missing or unreadable file: one error line
-            with_encoder(args.encoder, args.sra_encoder)
     use(args.board)
     from minihires.cli.ablate import cli_ablate
     return cli_ablate(rest)

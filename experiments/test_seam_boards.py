@@ -74,12 +74,32 @@ def test_use_puts_the_board_in_the_generator(monkeypatch):
     monkeypatch.setattr(entities, "draw_board", entities.draw_board)
     monkeypatch.setattr(entitygrid, "place_board", entitygrid.place_board)
     before = [s.image.tobytes() for s in entitygrid.test_split(8, CFG)]
-    SB.use("C")
+    SB.use("C")                                         # the package's own board: no change
+    assert [s.image.tobytes() for s in entitygrid.test_split(8, CFG)] == before
+    SB.use("B")
     after = entitygrid.test_split(8, CFG)
     cont = [i for i, s in enumerate(after) if s.task == "continuity"]
-    assert cont and all(len(after[i].entities[0].split[1]) == 12 for i in cont)
+    assert cont and all(len(after[i].entities[0].split[1]) == 6 for i in cont)
     assert all(before[i] != after[i].image.tobytes() for i in cont)
     assert all(before[i] == after[i].image.tobytes() for i in range(8) if i not in cont)
+    SB.use("C")
+    assert [s.image.tobytes() for s in entitygrid.test_split(8, CFG)] == before
+
+
+def test_the_phase_board_draws_as_the_package_drew_it():
+    """The first board, kept here: halves of one checkerboard phase each, broken when they
+    differ; each half alone a perfect checkerboard."""
+    e = SB.place("phase")("red", "top", CFG, True, random.Random(0))
+    assert e.on_seam and e.split[0] == "v" and e.split[1] != e.split[2] and e.broken
+    image = Image.new("RGB", (CFG.width, CFG.height))
+    SB.draw("phase")(ImageDraw.Draw(image), "red", e.bbox, e.split)
+    x0, y0, x1, y1 = e.bbox
+    lit = {(x, y) for y in range(y0 + 2, y1 - 2) for x in range(x0 + 2, x1 - 2)
+           if image.getpixel((x, y)) != (0, 0, 0)}
+    cx = (x0 + x1) // 2
+    for x, y in lit:
+        assert (x + y + (e.split[2] if x >= cx else e.split[1])) % 2 == 0
+    assert len(lit) == (x1 - x0 - 4) * (y1 - y0 - 4) // 2
 
 
 def test_probe_runs_and_reports_both_line_placements():
@@ -104,23 +124,6 @@ def test_command_line_errors_name_the_flag(capsys):
     with pytest.raises(SystemExit):
         SB.cli_seam_boards(["probe", "--board", "C", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        SB.cli_seam_boards(["ablate", "--board", "C", "--encoder", "/nonexistent/vit.pt"])
-    assert "--encoder" in capsys.readouterr().err
-
-
-def test_with_encoder_starts_training_from_the_saved_vit(tmp_path, monkeypatch):
-    from minihires.model.config import tiny
-    from minihires.training import train as T
-    monkeypatch.setattr(T, "HiResLLaVA", T.HiResLLaVA)
-    vit, _ = SB.probe("phase", 1, progress=lambda line: None)
-    weights = {k: v for k, v in vit.state_dict().items() if not k.startswith("sra.")}
-    torch.save(weights, tmp_path / "vit.pt")
-    SB.with_encoder(str(tmp_path / "vit.pt"))
-    model = T.HiResLLaVA(tiny())
-    got = model.vision_tower.state_dict()
-    assert all(torch.equal(got[k], v) for k, v in weights.items())
-    torch.save({"not.a.vit.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    SB.with_encoder(str(tmp_path / "bad.pt"))
-    with pytest.raises(ValueError, match="does not fit"):
-        T.HiResLLaVA(tiny())
+    with pytest.raises(SystemExit):                     # the package's flags, after --
+        SB.cli_seam_boards(["ablate", "--board", "C", "--", "--vit-init", "/nonexistent/vit.pt"])
+    assert "--vit-init" in capsys.readouterr().err

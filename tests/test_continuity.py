@@ -1,36 +1,37 @@
 """EntityGrid-QA's continuity task, checked on rendered pixels, not on the generator's word:
-the thumbnail shows every board alike, a seam-cut board leaves each slice a crop that both
-answers share, and an uncut board's slice does show the break."""
+the thumbnail shows every board alike, a seam-cut board leaves each slice a crop that a board
+with the other answer also gives, either half alone has the same distribution for both
+answers, and an uncut board's slice does show the break."""
 import itertools
+import random
 
 import pytest
 import torch
+from PIL import ImageDraw
 
 from minihires.data import entitygrid as eg
-from minihires.data.entities import BOARD, POSITIONS, crosses_seam, place_board, render
+from minihires.data.entities import (
+    BOARD,
+    POSITIONS,
+    Entity,
+    board_halves,
+    crosses_seam,
+    draw_board,
+    place_board,
+    render,
+)
 from minihires.model import slicing
 
 CFG = eg.EntityGridConfig(tasks=eg.TASKS)
 S = CFG.slice_size
-PHASES = {False: [(0, 0), (1, 1)], True: [(0, 1), (1, 0)]}     # broken -> (1st, 2nd) phases
+N = CFG.entity_px - 4                       # lines in a board
 
 
-class FixedRng:
-    """Stands in for random.Random in place_board: the axis and first phase we ask for."""
-
-    def __init__(self, axis, first):
-        self.axis, self.first = axis, first
-
-    def choice(self, seq):
-        assert set(seq) == {"v", "h"}
-        return self.axis
-
-    def randint(self, a, b):
-        return self.first
-
-
-def board(position, broken, first, axis="v"):
-    return place_board("red", position, CFG, broken, FixedRng(axis, first))
+def board(position, near, far, axis=None):
+    """The board place_board puts at `position`, with the line phases we ask for (and the
+    split axis, where no single seam decides it)."""
+    e = place_board("red", position, CFG, False, random.Random(0))
+    return Entity(BOARD, "red", position, e.bbox, e.on_seam, (axis or e.split[0], near, far))
 
 
 def crops(entity, thumbnail_filter="box"):
@@ -38,58 +39,73 @@ def crops(entity, thumbnail_filter="box"):
     return slicing.crops(image, (CFG.rows, CFG.cols), S, 0.0, thumbnail_filter)  # (5, 3, S, S)
 
 
-def variants(position, axis):
-    """Every drawing of a board at `position`: {broken: [crops of each phase pair]}."""
-    return {broken: [crops(board(position, broken, first, axis)) for first in (0, 1)]
-            for broken in (False, True)}
+def flip(half):
+    return tuple(1 - v for v in half)
+
+
+def some_halves(k, seed=0):
+    rng = random.Random(seed)
+    return [board_halves(N, False, rng)[0] for _ in range(k)]
 
 
 @pytest.mark.parametrize("position,axis", list(itertools.product(POSITIONS, "vh")))
 def test_the_box_thumbnail_shows_every_board_alike(position, axis):
-    v = variants(position, axis)
-    thumbs = [c[0] for cs in v.values() for c in cs]
+    thumbs = [crops(board(position, near, far, axis))[0]
+              for near in some_halves(4) for far in (near, flip(near))]
     assert all(torch.equal(thumbs[0], t) for t in thumbs[1:])
 
 
 def test_a_bicubic_thumbnail_would_show_the_break():
     """Why the continuity task needs `thumbnail_filter="box"`: bicubic's wider kernel rings
-    at the phase break."""
-    whole = crops(board("center", False, 0), "bicubic")[0]
-    broken = crops(board("center", True, 0), "bicubic")[0]
+    at the break."""
+    near = some_halves(1)[0]
+    whole = crops(board("center", near, near), "bicubic")[0]
+    broken = crops(board("center", near, flip(near)), "bicubic")[0]
     assert (whole - broken).abs().max() > 0.02
 
 
+@pytest.mark.parametrize("position", [p for p in POSITIONS if board(p, (0,) * N, (0,) * N).on_seam])
+def test_each_slice_of_a_seam_cut_board_is_also_a_slice_of_a_board_with_the_other_answer(position):
+    """A broken board (near, flip(near)) and the whole boards (near, near) and (flip(near),
+    flip(near)): every slice of the broken one equals that slice of one of the whole ones. No
+    slice alone tells the answers apart; the break is visible only across the seam."""
+    for near in some_halves(6, seed=position):
+        broken = crops(board(position, near, flip(near)))
+        whole_near = crops(board(position, near, near))
+        whole_far = crops(board(position, flip(near), flip(near)))
+        for k in range(1, 1 + CFG.rows * CFG.cols):
+            assert torch.equal(broken[k], whole_near[k]) or torch.equal(broken[k], whole_far[k])
+        assert not torch.equal(broken, whole_near) and not torch.equal(broken, whole_far)
+
+
+def test_either_half_has_the_same_distribution_for_both_answers():
+    """The near half is uniform over sequences with N/2 lines at phase 1, for either answer;
+    a broken board's far half is its complement, and complementing maps that set onto itself
+    one to one, so the far half is uniform over the same set. No count tells the sides apart."""
+    balanced = {s for s in itertools.product((0, 1), repeat=N) if sum(s) == N // 2}
+    assert {flip(s) for s in balanced} == balanced
+    rng = random.Random(0)
+    for broken in (False, True):
+        for _ in range(200):
+            near, far = board_halves(N, broken, rng)
+            assert near in balanced and far in balanced and (near != far) == broken
+
+
 @pytest.mark.parametrize("position", [p for p in POSITIONS
-                                      if board(p, False, 0).on_seam])
-def test_each_slice_of_a_seam_cut_board_is_the_same_for_both_answers(position):
-    """Each slice's crop of a broken board is also a crop of a whole one (and back): no slice
-    alone tells the answers apart. The break is visible only across slices."""
-    e = board(position, False, 0)
-    axis = e.split[0]
-    v = variants(position, axis)
-    for k in range(1, 1 + CFG.rows * CFG.cols):
-        whole = {tuple(c[k].flatten().tolist()) for c in v[False]}
-        broken = {tuple(c[k].flatten().tolist()) for c in v[True]}
-        assert whole == broken, f"slice {k}"
-    # ...and the images do differ: the break is real, across the seam
-    assert not torch.equal(v[False][0], v[True][0])
-
-
-@pytest.mark.parametrize("position", [p for p in POSITIONS if not board(p, False, 0).on_seam])
+                                      if not board(p, (0,) * N, (0,) * N).on_seam])
 def test_an_uncut_board_shows_its_break_inside_one_slice(position):
+    near = some_halves(1)[0]
     for axis in "vh":
-        v = variants(position, axis)
-        k = next(k for k in range(1, 5) if not torch.equal(v[False][0][k], v[True][0][k]))
-        # the one slice that differs holds the whole board: a single encoder can answer
-        others = [j for j in range(1, 5) if j != k]
-        assert all(torch.equal(v[False][0][j], v[True][0][j]) for j in others)
+        whole, broken = (crops(board(position, near, far, axis)) for far in (near, flip(near)))
+        differ = [k for k in range(1, 5) if not torch.equal(whole[k], broken[k])]
+        assert len(differ) == 1     # the one slice that holds the whole board: one encoder can answer
 
 
 def test_seam_cut_boards_are_split_along_their_seam():
     for position in POSITIONS:
-        e = board(position, True, 0, axis="v")
+        e = place_board("red", position, CFG, True, random.Random(0))
         x0, y0, x1, y1 = e.bbox
-        assert x0 % 2 == 0 and y0 % 2 == 0                     # on the thumbnail's 2x2 blocks
+        assert x0 % 2 == 0 and y0 % 2 == 0 and e.broken       # on the thumbnail's 2x2 blocks
         cut_v = any(x0 < m * S < x1 for m in range(1, CFG.cols))
         cut_h = any(y0 < m * S < y1 for m in range(1, CFG.rows))
         assert e.on_seam == crosses_seam(e.bbox, S, CFG.rows, CFG.cols) == (cut_v or cut_h)
@@ -97,6 +113,42 @@ def test_seam_cut_boards_are_split_along_their_seam():
             assert e.split[0] == "v" and (x0 + x1) // 2 % S == 0
         if cut_h and not cut_v:
             assert e.split[0] == "h" and (y0 + y1) // 2 % S == 0
+
+
+@pytest.mark.parametrize("slice_size", [40, 48, 64])
+def test_the_promises_hold_on_other_even_slice_sizes(slice_size):
+    """The same pixel checks on bigger canvases that the geometry check accepts."""
+    cfg = eg.EntityGridConfig(tasks=eg.TASKS, slice_size=slice_size)
+    n = cfg.entity_px - 4
+    near = board_halves(n, False, random.Random(slice_size))[0]
+    e = place_board("red", "top", cfg, False, random.Random(0))
+    assert e.on_seam and e.split[0] == "v" and (e.bbox[0] + e.bbox[2]) // 2 == slice_size
+
+    def crops_of(a, b):
+        image = render([Entity(BOARD, "red", "top", e.bbox, True, ("v", a, b))], cfg)
+        return slicing.crops(image, (2, 2), slice_size, 0.0, "box")
+    broken, whole_near, whole_far = crops_of(near, flip(near)), crops_of(near, near), \
+        crops_of(flip(near), flip(near))
+    assert torch.equal(broken[0], whole_near[0]) and torch.equal(broken[0], whole_far[0])
+    for k in range(1, 5):
+        assert torch.equal(broken[k], whole_near[k]) or torch.equal(broken[k], whole_far[k])
+
+
+def test_boards_that_cannot_keep_the_promises_are_refused():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        eg.EntityGridConfig(tasks=eg.TASKS, entity_size=0.45)      # 14 px: split on an odd pixel
+    eg.EntityGridConfig(entity_size=0.45)                          # fine without continuity
+    with pytest.raises(ValueError, match="even slice_size"):
+        eg.EntityGridConfig(tasks=eg.TASKS, slice_size=33)         # split at 32, seam at 33
+    with pytest.raises(ValueError, match="2x2 grid"):
+        eg.EntityGridConfig(tasks=eg.TASKS, rows=3, cols=3)        # a 3x3 box thumbnail
+    image = render([], CFG)
+    with pytest.raises(ValueError, match="12 phases"):
+        draw_board(ImageDraw.Draw(image), "red", (0, 0, 16, 16), ("v", (0, 1), (1, 0)))
+    with pytest.raises(ValueError, match="split must be"):
+        draw_board(ImageDraw.Draw(image), "red", (0, 0, 16, 16), ("d", (0,) * 12, (0,) * 12))
+    with pytest.raises(ValueError, match="split must be"):            # the first board's split
+        draw_board(ImageDraw.Draw(image), "red", (0, 0, 16, 16), ("v", 0, 1))
 
 
 def test_samples_are_deterministic_balanced_and_answerable():

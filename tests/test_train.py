@@ -410,7 +410,8 @@ def test_sra_layers_switch_places_the_adapters():
     (["--sra-layers", "1,1"], "a block is listed twice"),
     (["--batch-size", "-1"], "batch_size must be an int >= 1"),
     (["--turns", "0"], "turns must be an int >= 1"),
-    (["--threads", "0"], "threads must be an int >= 1 or None"),
+    (["--threads", "0"], "threads must be an int in 1..1024 or None"),
+    (["--threads", "100000"], "threads must be an int in 1..1024 or None"),   # not a crash
     (["--lr", "0"], "lr must be a positive number"),
     (["--vision-lr-scale", "-1"], "vision_lr_scale must be a number >= 0"),
     (["--seed", "-3"], "seed must be an int in 0.."),

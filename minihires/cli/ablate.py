@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.cli.train import block_list
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
+from minihires.training.pretrain_vit import file_sha256, read_weights
 from minihires.training.ablate import (VARIANTS, finished_run, markdown_table, summary,
                                        variant_config)
 from minihires.training.evaluate import results_table
@@ -37,6 +39,12 @@ def cli_ablate(argv: list[str]) -> int:
     p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
                    help="ViT blocks that SliceRestore follows in the SRA variant (default: the "
                         "preset's)")
+    p.add_argument("--vit-init", metavar="FILE", default=None,
+                   help="start every variant's vision tower from these weights (`pretrain-vit "
+                        "--out`)")
+    p.add_argument("--sra-vit-init", metavar="FILE", default=None,
+                   help="the variants with SliceRestore start from these instead (a file "
+                        "pretrained with their adapters)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per run (default: torch's, one per core)")
@@ -60,8 +68,27 @@ def cli_ablate(argv: list[str]) -> int:
                          threads=args.threads, tasks=args.tasks,
                          thumbnail_filter=args.thumbnail_filter, sra_layers=args.sra_layers)
 
+    sra = [k for k in args.variants if VARIANTS[k][1].get("use_sra")]
+    if args.sra_vit_init is not None and not sra:
+        p.error("--sra-vit-init is for the variants with SliceRestore, and none is chosen")
+    if args.vit_init is not None and args.sra_vit_init is not None \
+            and len(sra) == len(args.variants):
+        p.error("--vit-init is for the variants without SliceRestore, and none is chosen")
+    sha = {}                               # file -> SHA-256, read once, before any training
+    for flag, path in (("--vit-init", args.vit_init), ("--sra-vit-init", args.sra_vit_init)):
+        if path is not None:
+            with user_input(f"{flag}: "):          # missing or unreadable: one line
+                read_weights(path)
+                sha[path] = file_sha256(path)
+
+    def encoder(key: str) -> tuple[str, str] | None:
+        """(absolute path, SHA-256) of the weights variant `key` starts from, or None."""
+        path = args.sra_vit_init or args.vit_init if key in sra else args.vit_init
+        return None if path is None else (os.path.abspath(path), sha[path])
+
     def run_config(key: str, seed: int) -> T.TrainConfig:
-        return variant_config(base, key, seed=seed)
+        path, digest = encoder(key) or (None, None)
+        return variant_config(base, key, seed=seed, vit_init=path, vit_init_sha256=digest)
 
     def run_dir(key: str, seed: int) -> Path:
         return runs / f"{key}-seed{seed}"
@@ -71,6 +98,8 @@ def cli_ablate(argv: list[str]) -> int:
             for s in args.seeds:
                 try:
                     run_config(key, s).validate()
+                    if encoder(key):
+                        T.check_vit_init(run_config(key, s))
                 except ValueError as e:
                     raise ValueError(f"variant {key}: {e}") from None
     if args.out is not None:                       # checked now, not after hours of training
@@ -118,11 +147,12 @@ def cli_ablate(argv: list[str]) -> int:
                 raise UserError(f"{name}, seed {seed}: {e}") from e
             print(results_table(m, f"{name}, seed {seed}"), flush=True)
             results.setdefault(key, []).append(m)
-    table = markdown_table(results, base, args.seeds)
+    encoders = {key: encoder(key) for key in results}
+    table = markdown_table(results, base, args.seeds, encoders)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     figures = out.with_suffix(".json")
-    figures.write_text(json.dumps(summary(results, args.seeds, base), indent=2) + "\n")
+    figures.write_text(json.dumps(summary(results, args.seeds, base, encoders), indent=2) + "\n")
     print("\n" + table)
     print(f"\nwrote {out} and {figures}")
     return 0

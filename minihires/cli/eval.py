@@ -28,7 +28,7 @@ from minihires.data.entitygrid import TEST_SEED_SPAN
 from minihires.training import checkpoint as ckpt
 from minihires.training import evaluate as scoring
 from minihires.training.evaluate import results_table
-from minihires.training.train import TrainConfig
+from minihires.training.train import MAX_THREADS, TrainConfig
 
 ATTENTION_TASKS = ("position", "recognition")
 
@@ -55,6 +55,8 @@ def cli_eval(argv: list[str]) -> int:
                    help="the root of --data's image paths")
     p.add_argument("--max-new-tokens", type=int, default=None, help="with --data (default 32)")
     args = p.parse_args(argv)
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        p.error(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
     check_device(args.device)
     if args.data is not None:
         if args.by_entities or args.attention:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,22 +16,24 @@ from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training.evaluate import results_table
 from minihires.training.fsdp import read_progress
-from minihires.training.train import Diverged, TrainConfig, load_resume, train
+from minihires.training.pretrain_vit import file_sha256
+from minihires.training.train import Diverged, TrainConfig, check_vit_init, load_resume, train
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
                  "freeze_vision_at",
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
-                 "whole_canvas", "sra_layers", "thumbnail_filter", "tasks",
+                 "whole_canvas", "sra_layers", "thumbnail_filter", "tasks", "vit_init",
                  "warmup_steps", "ckpt_every",
                  "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
                  "warmup_ratio", "fsdp", "grad_checkpointing", "workers", "init_from_run",
                  "weight_decay", "min_lr_ratio")
-_BUILT_IN = ("turns", "chat_turns", "tasks", "train_max_entities", "freeze_vision_at")
+_BUILT_IN = ("turns", "chat_turns", "tasks", "train_max_entities", "freeze_vision_at",
+             "vit_init")
 # ^ the built-in EntityGrid-QA stream's flags, which a --data run would ignore
 _RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
-_PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run")
+_PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run", "vit_init")
 
 
 def block_list(value: str) -> list[int]:
@@ -102,6 +105,9 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
                    metavar="T1,T2,...", help=f"EntityGrid-QA tasks from {','.join(TASKS)} "
                    f"(default: {','.join(EntityGridConfig().tasks)})")
+    p.add_argument("--vit-init", metavar="FILE", default=None,
+                   help="start the vision tower from these weights (`pretrain-vit --out`; "
+                        "adapters they lack start new)")
     r = p.add_argument_group("the real model (recipes/README.md): LLaVA-format data, "
                              "initialisation, the two stages, FSDP2")
     r.add_argument("--data", metavar="FILE.json", default=None,
@@ -198,13 +204,23 @@ def cli_train(argv: list[str]) -> int:
         if getattr(args, name, None) is not None:
             raise UserError(f"--{name.replace('_', '-')}: {e}") from None
         raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
+    if args.resume is None and tc.vit_init is not None:   # every rank, before any folder
+        with user_input("--vit-init: "):
+            tc = dataclasses.replace(tc, vit_init_sha256=file_sha256(tc.vit_init))
+            check_vit_init(tc)
     if args.stop_at is not None and args.stop_at < 1:
         p.error(f"--stop-at must be >= 1, got {args.stop_at}")
     rank = distributed.environment()[0]
     if args.resume is not None:
         with user_input("--resume: "):
-            if tc.data is None:
-                load_resume(out, tc, args.stop_at)     # every check, before any rank starts
+            if tc.data is None:                        # every check, before any rank starts
+                state, _ = load_resume(out, tc, args.stop_at)
+                if state is None and tc.vit_init is not None:     # it starts from the file
+                    try:
+                        check_vit_init(tc)
+                    except (ValueError, OSError) as e:
+                        raise ValueError(f"the run has no checkpoint yet, so it starts again "
+                                         f"from --vit-init {tc.vit_init}: {e}") from None
             else:
                 progress = read_progress(out)
                 world = distributed.environment()[1]
@@ -244,7 +260,8 @@ def cli_train(argv: list[str]) -> int:
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")
               + (f" thumbnail={model_cfg.thumbnail_filter}"
                  if model_cfg.thumbnail_filter != "bicubic" else "")
-              + (f"\n  tasks: {', '.join(tc.tasks)}" if tc.tasks else ""))
+              + (f"\n  tasks: {', '.join(tc.tasks)}" if tc.tasks else "")
+              + (f"\n  vision tower from {tc.vit_init}" if tc.vit_init else ""))
     try:
         metrics = train(tc, out, resume=args.resume is not None, stop_at=args.stop_at,
                         progress=not args.quiet)

@@ -24,14 +24,19 @@ falls in. Each class is then a fixed 4x4 stencil that a single patch embedding c
 apart.
 
 One more kind, for the continuity task: a *board*, whose answer no fragment shows. A board
-is a 1-pixel checkerboard in a 2-pixel frame, split by a line through its centre into two
-halves; each half is a checkerboard of phase 0 or 1, and the board is *broken* when the two
-phases differ (a one-pixel shift along the line). Either half alone is a perfect
-checkerboard of a random phase, so telling "broken" from "whole" takes pixels from both
-sides of the line. Boards are drawn unjittered with their corners on even pixels, so that the
-thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) turns every board
-into the same flat blend, broken or not; and a board that straddles a seam is split along
-that seam, so that each slice holds one half and no single slice can answer (`split_axis`).
+is a 2-pixel frame around n = entity_px - 4 lines 1 pixel wide (rows, or columns) that cross
+a split line through its centre. Each line is lit on every other pixel, at its own phase 0
+or 1, and half the lines have phase 1. The board is *broken* when every line shifts by one
+pixel at the split: the far half's phases are then the near half's complement, itself
+another sequence with half its lines at phase 1. So either half alone, for either answer,
+is a random balanced sequence; no summary of one half (a count, a bit, a mean) says broken or
+whole, and only comparing the two halves line by line answers.
+
+Boards are drawn unjittered with their corners and split on even pixels, so that the
+thumbnail of the default 2x2 canvas (a 2x2 box average, `slicing.crops`) holds exactly one
+lit pixel of every line in every 2x2 block and turns every board into the same flat blend,
+broken or not. A board that straddles a seam is split along that seam (`split_axis`), so each
+slice holds one half and no single slice can answer.
 
 Drawing is machine independent: integer coordinates, Pillow `ImageDraw.rectangle` (outline,
 width 1) and `ImageDraw.point`, no fonts, no antialiasing.
@@ -102,26 +107,34 @@ BOARD = "board"            # the continuity task's entity kind (not a pattern cl
 
 
 def draw_board(draw: ImageDraw.ImageDraw, colour: str, bbox: tuple[int, int, int, int],
-               split: tuple[str, int, int]) -> None:
-    """A board: 2-px frame, checkerboard inside, phase `split[1]` before the split line and
-    `split[2]` after it. split[0]: "v" (a vertical line at the centre column, halves left and
-    right) or "h" (a horizontal line at the centre row, halves above and below)."""
+               split: tuple[str, tuple[int, ...], tuple[int, ...]]) -> None:
+    """A board: 2-px frame; inside, line i lit where (position along it + phase) is even, its
+    phase `near[i]` before the split line and `far[i]` after it. split = (axis, near, far),
+    axis "v" (a vertical split at the centre column: lines are rows, halves left and right)
+    or "h" (a horizontal split at the centre row: lines are columns, halves above and below);
+    near and far hold a 0/1 phase per line, entity_px - 4 of them."""
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {colour!r}")
-    axis, first, second = split
-    if axis not in ("v", "h") or first not in (0, 1) or second not in (0, 1):
-        raise ValueError(f"split must be ('v' or 'h', phase 0/1, phase 0/1), got {split!r}")
     x0, y0, x1, y1 = bbox
-    if x1 - x0 < 6 or y1 - y0 < 6:
-        raise ValueError(f"a board needs at least 6x6 pixels (frame + interior), got {bbox}")
+    if x1 - x0 != y1 - y0 or x1 - x0 < 6:
+        raise ValueError(f"a board needs a square of at least 6x6 pixels (frame + interior), "
+                         f"got {bbox}")
+    n = x1 - x0 - 4
+    if (not isinstance(split, (tuple, list)) or len(split) != 3 or split[0] not in ("v", "h")
+            or any(not isinstance(half, (tuple, list)) or len(half) != n
+                   or not set(half) <= {0, 1} for half in split[1:])):
+        raise ValueError(f"split must be ('v' or 'h', {n} phases 0/1, {n} phases 0/1) for a "
+                         f"{n + 4}-px board, got {split!r}")
+    axis, near, far = split
     rgb = COLOURS[colour]
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=2)   # inclusive corners
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
     lit = []
     for y in range(y0 + 2, y1 - 2):
         for x in range(x0 + 2, x1 - 2):
-            phase = second if (x >= cx if axis == "v" else y >= cy) else first
-            if (x + y + phase) % 2 == 0:
+            line, beyond, along = ((y - y0 - 2, x >= cx, x) if axis == "v"
+                                   else (x - x0 - 2, y >= cy, y))
+            if (along + (far if beyond else near)[line]) % 2 == 0:
                 lit.append((x, y))
     draw.point(lit, fill=rgb)
 
@@ -152,11 +165,12 @@ class Entity:
     position: str
     bbox: tuple[int, int, int, int]   # pixels (x0, y0, x1, y1), x1 and y1 exclusive
     on_seam: bool                     # crosses_seam(bbox, ...): geometry, not the name
-    split: tuple[str, int, int] | None = None   # boards only: (axis, phase 1st, 2nd half)
+    split: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None
+    # ^ boards only: (axis, near half's line phases, far half's), see draw_board
 
     @property
     def broken(self) -> bool:
-        """A board whose two halves' checkerboards are out of phase."""
+        """A board whose lines shift at the split (the halves' phases differ)."""
         return self.split is not None and self.split[1] != self.split[2]
 
     @property
@@ -186,17 +200,43 @@ def split_axis(bbox: tuple[int, int, int, int], slice_size: int, rows: int, cols
     return "v" if v and not h else "h" if h and not v else rng.choice("vh")
 
 
+def board_halves(n: int, broken: bool, rng) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(near, far) phases of a board's n lines: n/2 of the near ones, drawn from `rng`, at
+    phase 1; far = near, or (broken) its complement."""
+    near = [0] * n
+    for i in rng.sample(range(n), n // 2):
+        near[i] = 1
+    return tuple(near), tuple(1 - v for v in near) if broken else tuple(near)
+
+
+def check_board_geometry(slice_size: int, rows: int, cols: int, entity_px: int) -> None:
+    """ValueError unless boards on this canvas keep their promises (each checked on pixels in
+    tests/test_continuity.py): a 2 x 2 grid (the box thumbnail halves the canvas, turning every
+    board into one blend), entity_px a multiple of 4 and at least 8 (an even number of lines,
+    the split on an even pixel) and an even slice_size (the split of a cut board on its seam)."""
+    if (rows, cols) != (2, 2):
+        raise ValueError(f"continuity boards are built for a 2x2 grid of slices, got "
+                         f"{rows}x{cols}")
+    if entity_px < 8 or entity_px % 4:
+        raise ValueError(f"continuity boards need entity_px to be a multiple of 4 and at least "
+                         f"8 (the split on an even pixel, an even number of lines), got "
+                         f"{entity_px}; change entity_size or slice_size")
+    if slice_size % 2:
+        raise ValueError(f"continuity boards need an even slice_size (a cut board's split on "
+                         f"its seam), got {slice_size}")
+
+
 def place_board(colour: str, position: str, cfg, broken: bool, rng) -> Entity:
     """A board of cfg.entity_px pixels at `position`: no jitter, corners on even pixels,
-    split along a seam that cuts it, halves' phases drawn from `rng` (different if broken)."""
+    split along a seam that cuts it, line phases drawn from `rng` (`board_halves`)."""
+    check_board_geometry(cfg.slice_size, cfg.rows, cfg.cols, cfg.entity_px)
     cx, cy = centre(position, cfg.width, cfg.height)
     x0, y0 = (cx - cfg.entity_px // 2) & ~1, (cy - cfg.entity_px // 2) & ~1
     bbox = (x0, y0, x0 + cfg.entity_px, y0 + cfg.entity_px)
     axis = split_axis(bbox, cfg.slice_size, cfg.rows, cfg.cols, rng)
-    first = rng.randint(0, 1)
+    near, far = board_halves(cfg.entity_px - 4, broken, rng)
     return Entity(BOARD, colour, position, bbox,
-                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols),
-                  (axis, first, 1 - first if broken else first))
+                  crosses_seam(bbox, cfg.slice_size, cfg.rows, cfg.cols), (axis, near, far))
 
 
 def render(entities: Iterable[Entity], cfg) -> Image.Image:

@@ -12,10 +12,10 @@ Four tasks, one question per image:
     continuity   "Is the board at the top broken?"  -> "yes" / "no"
 
 The first three are answered by any fragment of an entity (each slice of a cut entity shows
-its whole pattern); continuity is not: a board (`entities.draw_board`) is broken when its two
-halves' checkerboards are out of phase, a seam-cut board is split along the seam, and the
-thumbnail shows every board alike. So on-seam continuity questions are what fragmentation
-costs, and what SliceRestore has to restore.
+its whole pattern); continuity is not: a board (`entities.draw_board`) is broken when its
+lines shift at its split line, each half alone looks the same for both answers, a seam-cut
+board is split along the seam, and the thumbnail shows every board alike. So on-seam
+continuity questions are what fragmentation costs, and what SliceRestore has to restore.
 
 Choices that are ours, not the paper's: the pattern classes and colours, the question
 templates, one to `max_entities` entities for recognition/position and one to
@@ -42,8 +42,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity, place,
-                                     place_board, render)
+from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity,
+                                     check_board_geometry, place, place_board, render)
 
 TASKS = ("recognition", "position", "counting", "continuity")
 DEFAULT_TASKS = TASKS[:3]    # continuity is opt-in while its seam benchmark is being built
@@ -113,6 +113,8 @@ class EntityGridConfig:
                 or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks)):
             raise ValueError(f"tasks must be distinct names from {TASKS}, got {tasks!r}")
         object.__setattr__(self, "tasks", tuple(tasks))
+        if "continuity" in tasks:
+            check_board_geometry(self.slice_size, self.rows, self.cols, self.entity_px)
         # Every jittered box inside the canvas, neighbouring positions never touching.
         e, j = self.entity_px, self.jitter
         for axis, extent in (("width", self.width), ("height", self.height)):

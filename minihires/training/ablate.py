@@ -58,7 +58,8 @@ def flat(m: dict) -> dict:
 
 SWITCHES = ("use_slices", "use_sra", "compression", "overlap", "crop_embedding", "whole_canvas",
             "sra_layers", "thumbnail_filter")   # compared through the model they build
-MACHINE = ("device", "threads")               # where a run ran, not what it is
+MACHINE = ("device", "threads", "vit_init")   # where a run ran or its file lay, not what it
+                                              # is (the file's SHA-256 is compared)
 
 
 def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
@@ -98,12 +99,25 @@ def vit_gflops(tc: T.TrainConfig, key: str) -> float:
     return row.vit / 1e9
 
 
-def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig) -> dict:
-    """What `ablate` writes as JSON beside its table: per variant, each seed's figures."""
+def encoder_id(encoder: tuple[str, str] | None) -> str | None:
+    """'vit-sra.pt sha256:0123abcd...' for the (path, SHA-256) of the weights a variant started
+    from, None for none: names the file without this machine's folders, and tells two files
+    of one name apart."""
+    if encoder is None:
+        return None
+    return f"{Path(encoder[0]).name} sha256:{encoder[1][:16]}"
+
+
+def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig,
+            encoders: dict[str, tuple[str, str] | None] | None = None) -> dict:
+    """What `ablate` writes as JSON beside its table: per variant, the encoder it started
+    from (`encoder_id`) and each seed's figures."""
     keys = [k for k, _ in COLUMNS + CONTINUITY_COLUMNS] + ["continuity", "visual_tokens",
                                                            "train_time_s", "steps", "eval_n"]
+    encoders = encoders or {}
     return {"seeds": seeds, "tasks": tc.tasks, "thumbnail_filter": tc.thumbnail_filter,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
+                               "vit_init": encoder_id(encoders.get(key)),
                                "runs": [{k: flat(r).get(k) for k in keys} for r in runs]}
                          for key, runs in results.items()}}
 
@@ -119,8 +133,10 @@ def _cell(values: list, signed: bool = False) -> str:
     return s
 
 
-def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: list[int]) -> str:
-    """results: variant key -> that variant's metrics, one per seed."""
+def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: list[int],
+                   encoders: dict[str, tuple[str, str] | None] | None = None) -> str:
+    """results: variant key -> that variant's metrics, one per seed; encoders: variant key ->
+    (path, SHA-256) of the weights its vision tower started from (None: from scratch)."""
     results = {k: [flat(r) for r in runs] for k, runs in results.items()}
     cont = any(r.get("continuity") is not None for runs in results.values() for r in runs)
     columns = COLUMNS + (CONTINUITY_COLUMNS if cont else [])
@@ -142,4 +158,9 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
                  f"{'; thumbnail ' + tc.thumbnail_filter if tc.thumbnail_filter else ''}"
                  f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
+    started = {k: Path(f[0]).name for k, f in (encoders or {}).items() if f}
+    if started:
+        rest = "; the others from scratch" if len(started) < len(results) else ""
+        lines.append("Vision towers from `pretrain-vit` weights: " + "; ".join(
+            f"{VARIANTS[k][0]}: {name}" for k, name in started.items()) + rest + ".")
     return "\n".join(lines)

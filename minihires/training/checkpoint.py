@@ -68,17 +68,27 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(tmp_path), then move tmp_path over `path` in one os.replace (the file gets
     the permissions of a plainly created one, not mkstemp's owner-only 0600)."""
+    _atomic(path, write, os.replace)
+
+
+def atomic_create(path: str | os.PathLike, write) -> None:
+    """As `atomic_write`, but FileExistsError instead of replacing a file that is already at
+    `path`, even one another process put there meanwhile (os.link never overwrites)."""
+    _atomic(path, write, os.link)
+
+
+def _atomic(path, write, put) -> None:
+    """write(tmp) in path's folder, then put(tmp, path); the temporary never outlives it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
+        put(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -1,7 +1,8 @@
 """`python -m minihires train`: HiRes-LLaVA from scratch on EntityGrid-QA, then the test table.
 
     tokenizer  <- trained in-process on every question and answer text (entitygrid.question_texts)
-    model      <- preset (default tiny) + ablation switches, random init from --seed
+    model      <- preset (default tiny) + ablation switches, random init from --seed; with
+                  vit_init the vision tower then starts from `pretrain-vit` weights
     for step in 0..steps-1:
         batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
                   with `turns` questions about it (data.conversation), packed so that each
@@ -13,7 +14,7 @@
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
-pretrained. Budgets are counted in steps, not seconds, so a result does not depend on how
+pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`). Budgets are counted in steps, not seconds, so a result does not depend on how
 busy the machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on
 CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes. The process group's
 life (bounded waits, a failing rank stopping the others, every rank leaving it together
@@ -65,9 +66,11 @@ from minihires.model.tokenizer import Tokenizer
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training import evaluate as scoring
+from minihires.training.pretrain_vit import load_vit
 from minihires.training.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)   # messages for the user; the command line shows them
+MAX_THREADS = 1024                  # torch.set_num_threads crashes the process far above it
 
 @dataclass
 class TrainConfig:
@@ -107,6 +110,8 @@ class TrainConfig:
     sra_layers: list[int] | None = None   # ViT blocks SliceRestore follows (vit.sra_layers)
     thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
     tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
+    vit_init: str | None = None           # ViT weights (`pretrain-vit --out`) to start from
+    vit_init_sha256: str | None = None    # that file's SHA-256, recorded when the run starts
     # the real-model path (`minihires.training.recipe`): LLaVA-format data instead of the
     # built-in stream; everything below needs `data`
     data: str | None = None               # a LLaVA-format JSON file
@@ -146,7 +151,8 @@ class TrainConfig:
             need(lambda v: is_int(v, 1), name, "an int >= 1")
         need(lambda v: is_int(v, 1, len(POSITIONS)), "train_max_entities",
              f"an int in 1..{len(POSITIONS)} (one entity per place)")
-        need(lambda v: v is None or is_int(v, 1), "threads", "an int >= 1 or None")
+        need(lambda v: v is None or is_int(v, 1, MAX_THREADS), "threads",
+             f"an int in 1..{MAX_THREADS} or None")
         need(lambda v: is_int(v, 0, TEST_SEED_SPAN), "eval_n",
              f"an int >= 0 and at most {TEST_SEED_SPAN} (the test split's size)")
         need(lambda v: is_int(v, 0), "warmup_steps", "an int >= 0")
@@ -170,6 +176,13 @@ class TrainConfig:
                                      and all(is_int(b, 0) for b in v)),
              "sra_layers", "a list of block numbers >= 0 or None")
         self.model_config()     # the switches must fit the preset (e.g. overlap needs no SRA)
+        need(lambda v: v is None or isinstance(v, str) and v, "vit_init", "a path or None")
+        need(lambda v: v is None or (self.vit_init is not None and isinstance(v, str)
+                                     and re.fullmatch(r"[0-9a-f]{64}", v)),
+             "vit_init_sha256", "None or, with vit_init, 64 hex digits")
+        if self.vit_init is not None and self.data is not None:
+            raise ValueError("vit_init starts the built-in stream's model from `pretrain-vit` "
+                             "weights; a --data run initialises with --init-from-hf/-llava/-run")
         self._validate_data(need, is_int, is_num)
         if self.tasks is not None:
             try:
@@ -248,6 +261,14 @@ class TrainConfig:
                 cfg.vit, sra_layers=tuple(self.sra_layers)))
         cfg.validate()
         return cfg
+
+
+def check_vit_init(tc: TrainConfig) -> None:
+    """ValueError (or FileNotFoundError) unless tc.vit_init's weights fit the model tc builds."""
+    from minihires.model.vit import VisionTransformer
+    cfg = tc.model_config()
+    vit = VisionTransformer(cfg.vit, cfg.sra if cfg.sra_runs else None)   # as HiResLLaVA builds it
+    load_vit(vit, tc.vit_init, tc.vit_init_sha256)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -453,7 +474,10 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
     model_cfg, data_cfg, tokenizer = build(tc, saved_tokenizer)
     train_cfg = dataclasses.replace(data_cfg, max_entities=tc.train_max_entities)  # the stream's
     torch.manual_seed(tc.seed)
-    model = HiResLLaVA(model_cfg).to(device)
+    model = HiResLLaVA(model_cfg)
+    if tc.vit_init is not None and state is None:    # a resumed run has its own weights
+        load_vit(model.vision_tower, tc.vit_init, tc.vit_init_sha256)
+    model = model.to(device)
     opt = make_optimizer(model, tc)
     start, train_time, losses = 0, 0.0, []
     if rank == 0:
