@@ -98,7 +98,7 @@ def test_an_uncut_board_shows_its_break_inside_one_slice(position):
     for axis in "vh":
         whole, broken = (crops(board(position, near, far, axis)) for far in (near, flip(near)))
         differ = [k for k in range(1, 5) if not torch.equal(whole[k], broken[k])]
-        assert len(differ) == 1     # the one slice that holds the whole board: one encoder can answer
+        assert len(differ) == 1     # the slice that holds the whole board: one encoder answers
 
 
 def test_seam_cut_boards_are_split_along_their_seam():

@@ -53,7 +53,8 @@ def cli_pretrain_vit(argv: list[str]) -> int:
                    help="canvas: one ViT pass over the whole canvas, nothing cut (for the "
                         "whole-canvas control)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"(default: slices {DEFAULT_STEPS['slices']}, canvas {DEFAULT_STEPS['canvas']})")
+                   help=f"(default: slices {DEFAULT_STEPS['slices']}, "
+                        f"canvas {DEFAULT_STEPS['canvas']})")
     p.add_argument("--batch", type=int, default=None,
                    help="slices or canvases per step (default: slices 64, canvas 32)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,8 +90,9 @@ def cli_pretrain_vit(argv: list[str]) -> int:
             P.build_vit(tuple(args.sra_layers), init)      # fits, or says what does not
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    blocks = "blocks " + ",".join(map(str, args.sra_layers)) if args.sra_layers else "no block"
     view = ("the whole canvas" if args.whole else "single slices" if args.stage == "slices"
-            else f"sliced canvases, SRA after {'blocks ' + ','.join(map(str, args.sra_layers)) if args.sra_layers else 'no block'}")
+            else f"sliced canvases, SRA after {blocks}")
     print(f"minihires pretrain-vit: stage {args.stage} ({view}), {steps} steps, seed {args.seed}"
           f"{', from ' + args.init if args.init else ''}, {torch.get_num_threads()} thread(s)",
           flush=True)

@@ -56,8 +56,9 @@ def _entity(rng, cfg: EntityGridConfig, position: str | None = None
     names, colours = list(entities.CLASSES), list(entities.COLOURS)
     if rng.random() < 0.5:
         cls = rng.choice(names)
+        j = cfg.jitter
         e = entities.place(cls, rng.choice(colours), position or rng.choice(OFF_SEAM), cfg,
-                           rng.randint(-cfg.jitter, cfg.jitter), rng.randint(-cfg.jitter, cfg.jitter))
+                           rng.randint(-j, j), rng.randint(-j, j))
         return e, 2 + names.index(cls)
     broken = rng.random() < 0.5
     colour = rng.choice(colours)
@@ -138,11 +139,10 @@ def fit(vit: torch.nn.Module, weights: dict, what: str) -> None:
     unexpected = [k for k in weights if k not in own]
     shapes = [k for k in weights if k in own and tuple(weights[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"these weights do not fit {what}: "
-                         + "; ".join(f"{name} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                                     for name, keys in (("missing", missing),
-                                                        ("unexpected", unexpected),
-                                                        ("wrong shape", shapes)) if keys))
+        said = [f"{name} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("wrong shape", shapes)) if keys]
+        raise ValueError(f"these weights do not fit {what}: " + "; ".join(said))
     vit.load_state_dict(weights, strict=False)
 
 

@@ -14,9 +14,10 @@
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
-pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`). Budgets are counted in steps, not seconds, so a result does not depend on how
-busy the machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on
-CPU, nccl on GPU); each rank draws its own seeds and only rank 0 writes. The process group's
+pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`). Budgets are
+counted in steps, not seconds, so a result does not depend on how busy the machine is. Under
+`torchrun` the same code runs DistributedDataParallel (gloo on CPU, nccl on GPU); each rank
+draws its own seeds and only rank 0 writes. The process group's
 life (bounded waits, a failing rank stopping the others, every rank leaving it together
 before rank 0 evaluates) is `minihires.training.distributed`'s. A run folder is checked and
 written by `minihires.training.checkpoint`: a resume goes only forward, and a step whose loss
