@@ -205,6 +205,27 @@ def test_ablate_gives_each_variant_its_encoder_and_names_it(encoders, tmp_path, 
     assert e.value.code == 2 and "vit_init_sha256 differs" in capsys.readouterr().err
 
 
+def test_a_file_changed_during_an_ablation_ends_in_one_error_line(encoders, tmp_path,
+                                                                  monkeypatch, capsys):
+    from minihires.training import train as T
+    vit = tmp_path / "v.pt"
+    shutil.copy(encoders / "plain.pt", vit)
+    real = T.train
+
+    def train_then_change(*args, **kwargs):          # someone replaces the file after a run
+        metrics = real(*args, **kwargs)
+        shutil.copy(encoders / "s.pt", vit)
+        return metrics
+    monkeypatch.setattr(T, "train", train_then_change)
+    with pytest.raises(SystemExit) as e:
+        cli_ablate(["--steps", "1", "--batch-size", "2", "--eval-n", "4", "--quiet",
+                    "--variants", "avg", "sms", "--vit-init", str(vit),
+                    "--runs", str(tmp_path / "abl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "slices + SMS, seed 0" in err
+    assert "has changed since the run recorded it" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--stage", "slices", "--init", "x.pt"], "belong to --stage canvas"),
     (["--stage", "canvas", "--sra-layers", "7"], "blocks 0..2"),
@@ -228,6 +249,7 @@ def test_misfitting_or_foreign_files_are_named_before_any_run(encoders, tmp_path
     torch.save({**weights, "post_layernorm.weight": weights["post_layernorm.weight"] * torch.nan},
                tmp_path / "nan.pt")
     torch.save({k: v.long() for k, v in weights.items()}, tmp_path / "int.pt")
+    torch.save({k: v.to_sparse() for k, v in weights.items()}, tmp_path / "sparse.pt")
     cases = [(cli_pretrain_vit, ["--stage", "canvas", "--init", str(tmp_path / "junk.pt"),
                                  "--out", str(tmp_path / "v.pt")], "not a weights file"),
              (cli_pretrain_vit, ["--stage", "canvas", "--init", str(tmp_path / "bad.pt"),
@@ -244,7 +266,9 @@ def test_misfitting_or_foreign_files_are_named_before_any_run(encoders, tmp_path
              (cli_pretrain_vit, ["--stage", "canvas", "--init", str(tmp_path / "nan.pt"),
                                  "--out", str(tmp_path / "v.pt")], "NaN or infinite"),
              (cli_train, ["--vit-init", str(tmp_path / "int.pt"), "--out", str(tmp_path / "r")],
-              "not floating-point")]
+              "not dense floating-point"),
+             (cli_train, ["--vit-init", str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "r")],
+              "sparse_coo tensor")]
     for cli, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             cli(argv)

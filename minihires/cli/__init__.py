@@ -1,8 +1,8 @@
 """The command line: `python -m minihires COMMAND ...`, one module per command.
 
 The library below never parses arguments or prints; these modules do. A command module
-defines `cli_<command>(argv: list[str]) -> int` (`-` in a command's name is `_` here) with its own argparse,
-so adding a command never touches the others. A user error (bad flag, file or folder) ends a
+defines `cli_<command>(argv: list[str]) -> int` (`-` in a command's name is `_` here) with
+its own argparse, so adding a command never touches the others. A user error (bad flag, file or folder) ends a
 command with one line, `error: <message>`, and exit status 2 (`minihires.cli.errors`).
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ COMMANDS = {
     "eval": ("minihires.cli.eval", "re-score a run folder on the EntityGrid-QA test split"),
     "ask": ("minihires.cli.ask", "answer a question about an image with a trained or HF model"),
     "entitygrid": ("minihires.cli.entitygrid", "export EntityGrid-QA images and questions"),
-    "pretrain-vit": ("minihires.cli.pretrain_vit", "pretrain the tiny ViT on labelled entities (train --vit-init)"),
+    "pretrain-vit": ("minihires.cli.pretrain_vit",
+                     "pretrain the tiny ViT on labelled entities (train --vit-init)"),
     "ablate": ("minihires.cli.ablate", "train the ablation variants and print their table"),
     "tokens": ("minihires.cli.tokens", "visual-token and FLOP budget per image size"),
     "memory": ("minihires.cli.memory", "GPU memory per rank for a training stage (estimate)"),

@@ -9,7 +9,7 @@ from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.cli.train import block_list
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
-from minihires.training.pretrain_vit import file_sha256, read_weights
+from minihires.training.pretrain_vit import BadWeights, file_sha256, read_weights
 from minihires.training.ablate import (VARIANTS, finished_run, markdown_table, summary,
                                        variant_config)
 from minihires.training.evaluate import results_table
@@ -143,7 +143,7 @@ def cli_ablate(argv: list[str]) -> int:
             try:
                 m = T.train(tc, run_dir(key, seed), resume=(key, seed) in done,
                             progress=not args.quiet)
-            except T.Diverged as e:
+            except (T.Diverged, BadWeights) as e:     # BadWeights: a file changed meanwhile
                 raise UserError(f"{name}, seed {seed}: {e}") from e
             print(results_table(m, f"{name}, seed {seed}"), flush=True)
             results.setdefault(key, []).append(m)

@@ -16,7 +16,7 @@ from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training.evaluate import results_table
 from minihires.training.fsdp import read_progress
-from minihires.training.pretrain_vit import file_sha256
+from minihires.training.pretrain_vit import BadWeights, file_sha256
 from minihires.training.train import Diverged, TrainConfig, check_vit_init, load_resume, train
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
@@ -267,7 +267,7 @@ def cli_train(argv: list[str]) -> int:
                         progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
-    except (Diverged, BadData) as e:
+    except (Diverged, BadData, BadWeights) as e:     # BadWeights: the --vit-init file changed
         raise UserError(str(e)) from e
     if metrics is not None and tc.data is not None:
         print(f"trained {metrics['steps']} steps, global batch {metrics['global_batch']} rows, "

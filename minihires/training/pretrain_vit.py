@@ -30,6 +30,7 @@ adapter has nothing to do (one slice has no neighbours) and stays out of the sav
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -146,26 +147,36 @@ def fit(vit: torch.nn.Module, weights: dict, what: str) -> None:
     vit.load_state_dict(weights, strict=False)
 
 
-def read_weights(path) -> dict:
-    """The state dict in a file that `pretrain-vit --out` wrote; FileNotFoundError, or
-    ValueError naming the file when it holds no readable dict of finite float tensors."""
+class BadWeights(ValueError):
+    """A weights file that cannot start this ViT: unreadable, not ours, or not the one a run
+    recorded. The commands report it as one line, also when a run meets it mid-way."""
+
+
+def _weights(data: bytes, path) -> dict:
+    """The state dict in the bytes of a file that `pretrain-vit --out` wrote; BadWeights
+    naming the file unless they hold a dict of finite, dense, floating-point tensors."""
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
+        weights = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:                  # pickle, zip and torch errors all mean "not ours"
-        raise ValueError(f"{path} is not a weights file that torch.save wrote "
+        raise BadWeights(f"{path} is not a weights file that torch.save wrote "
                          f"({type(e).__name__})") from None
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in weights.items()):
-        raise ValueError(f"{path} holds no ViT weights (a dict of tensors)")
+        raise BadWeights(f"{path} holds no ViT weights (a dict of tensors)")
     for k, v in weights.items():
-        if v.is_meta or not v.is_floating_point():
-            raise ValueError(f"{path}: {k} is a {'meta' if v.is_meta else str(v.dtype)} tensor, "
-                             "not floating-point weights")
+        kind = ("meta" if v.is_meta else str(v.layout) if v.layout != torch.strided
+                else None if v.is_floating_point() else str(v.dtype))
+        if kind is not None:
+            raise BadWeights(f"{path}: {k} is a {kind} tensor, not dense floating-point weights")
         if not torch.isfinite(v).all():
-            raise ValueError(f"{path}: {k} holds NaN or infinite values")
+            raise BadWeights(f"{path}: {k} holds NaN or infinite values")
     return weights
+
+
+def read_weights(path) -> dict:
+    """The state dict in a file that `pretrain-vit --out` wrote (`_weights`); OSError when the
+    file cannot be read (FileNotFoundError, IsADirectoryError, ...)."""
+    return _weights(Path(path).read_bytes(), path)
 
 
 def file_sha256(path) -> str:
@@ -174,12 +185,22 @@ def file_sha256(path) -> str:
 
 
 def load_vit(vit: torch.nn.Module, path, sha256: str | None = None) -> None:
-    """Start `vit` from the file at `path` (`read_weights`, then `fit`); with `sha256`, the
-    file must still be the one a run recorded (ValueError otherwise)."""
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise ValueError(f"{path} has changed since the run recorded it (sha256 {sha256[:16]}..., "
-                         f"now {file_sha256(path)[:16]}...); put the run's file back")
-    fit(vit, read_weights(path), f"this model's ViT ({path})")
+    """Start `vit` from the file at `path`; with `sha256`, the bytes read must be the ones a
+    run recorded. Every failure is a BadWeights that names the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadWeights(f"cannot read {path}: {e.strerror or e}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BadWeights(f"{path} has changed since the run recorded it (sha256 "
+                         f"{sha256[:16]}..., now {hashlib.sha256(data).hexdigest()[:16]}...); "
+                         "put the run's file back")
+    try:
+        fit(vit, _weights(data, path), f"this model's ViT ({path})")
+    except BadWeights:
+        raise
+    except ValueError as e:                 # fit: the weights do not fit this ViT
+        raise BadWeights(str(e)) from None
 
 
 def pretrain(stage: str, steps: int, sra_layers: tuple[int, ...] = (), init: dict | None = None,
@@ -235,6 +256,9 @@ def pretrain(stage: str, steps: int, sra_layers: tuple[int, ...] = (), init: dic
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step == steps and not all(torch.isfinite(q).all() for q in vit.parameters()):
+            raise FloatingPointError(f"the weights are not finite after step {step}: training "
+                                     "diverged")
         if step % every == 0 or step == steps:
             acc = held_out()
             curve.append((step, *acc))
