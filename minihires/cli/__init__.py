@@ -2,8 +2,9 @@
 
 The library below never parses arguments or prints; these modules do. A command module
 defines `cli_<command>(argv: list[str]) -> int` (`-` in a command's name is `_` here) with
-its own argparse, so adding a command never touches the others. A user error (bad flag, file or folder) ends a
-command with one line, `error: <message>`, and exit status 2 (`minihires.cli.errors`).
+its own argparse, so adding a command never touches the others. A user error (bad flag, file
+or folder) ends a command with one line, `error: <message>`, and exit status 2
+(`minihires.cli.errors`).
 """
 from __future__ import annotations
 

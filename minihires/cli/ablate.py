@@ -95,13 +95,13 @@ def cli_ablate(argv: list[str]) -> int:
 
     with user_input():                     # every run's config, before any training
         for key in args.variants:
-            for s in args.seeds:
-                try:
+            try:
+                for s in args.seeds:
                     run_config(key, s).validate()
-                    if encoder(key):
-                        T.check_vit_init(run_config(key, s))
-                except ValueError as e:
-                    raise ValueError(f"variant {key}: {e}") from None
+                if encoder(key):                   # the weights fit the variant's ViT
+                    T.check_vit_init(run_config(key, args.seeds[0]))
+            except ValueError as e:
+                raise ValueError(f"variant {key}: {e}") from None
     if args.out is not None:                       # checked now, not after hours of training
         out = Path(args.out)
         parent = next((q for q in out.parents if q.exists()), Path("."))

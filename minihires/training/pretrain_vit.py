@@ -81,7 +81,7 @@ def slice_batch(rng, n: int, cfg: EntityGridConfig = CFG):
     return torch.stack(xs), torch.tensor(ys), torch.zeros(n, dtype=torch.bool), None
 
 
-def canvas_batch(rng, n: int, cfg: EntityGridConfig = CFG, patch: int = 4):
+def canvas_batch(rng, n: int, cfg: EntityGridConfig = CFG, patch: int = tiny().vit.patch_size):
     """n canvases with one entity at any position: (x [n*R*C, 3, S, S], the slices of each
     canvas in raster order; label [n]; on_seam [n]; mask [n, R*g, C*g], the patch tokens the
     entity touches, g = S // patch)."""
