@@ -256,6 +256,7 @@ def test_cli_unreadable_data_file_is_one_error_line(tmp_path, capsys, text, flag
 @pytest.mark.parametrize("flags, message", [
     (["--turns", "3"], "--turns: for the built-in EntityGrid-QA training"),
     (["--freeze-vision-at", "1", "--chat-turns"], "--chat-turns, --freeze-vision-at: for"),
+    (["--lm-steps", "5"], "--lm-steps: for the built-in EntityGrid-QA training"),
     (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
     (["--epochs", "1", "--steps", "2"], "--epochs sets --steps: give one of them"),
     (["--warmup-ratio", "0.1", "--warmup-steps", "2"], "--warmup-ratio sets --warmup-steps"),

@@ -20,7 +20,7 @@ from minihires.training.pretrain_vit import BadWeights, file_sha256
 from minihires.training.train import Diverged, TrainConfig, check_vit_init, load_resume, train
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
-                 "freeze_vision_at",
+                 "freeze_vision_at", "lm_steps",
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
                  "whole_canvas", "sra_layers", "thumbnail_filter", "tasks", "vit_init",
@@ -30,7 +30,7 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "warmup_ratio", "fsdp", "grad_checkpointing", "workers", "init_from_run",
                  "weight_decay", "min_lr_ratio")
 _BUILT_IN = ("turns", "chat_turns", "tasks", "train_max_entities", "freeze_vision_at",
-             "vit_init")
+             "vit_init", "lm_steps")
 # ^ the built-in EntityGrid-QA stream's flags, which a --data run would ignore
 _RESHAPE = ("batch_size", "grad_accum")   # --resume of a --data run on another world size
 _PATHS = ("data", "image_folder", "tokenizer", "init_from_llava", "init_from_run", "vit_init")
@@ -74,6 +74,9 @@ def cli_train(argv: list[str]) -> int:
                    help=f"the vision tower's lr as a fraction of --lr (default {d.vision_lr_scale})")
     p.add_argument("--freeze-vision-at", type=int, default=None, metavar="STEP",
                    help="freeze the vision tower and sampler from STEP on (default: never)")
+    p.add_argument("--lm-steps", type=int, default=None, metavar="N",
+                   help="first teach the LLM the lookup on scenes given as words, for N steps "
+                        f"(the language stage; default {d.lm_steps})")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
     p.add_argument("--seed", type=int, default=None, help=f"init and data seed (default {d.seed})")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default cpu)")
@@ -261,7 +264,8 @@ def cli_train(argv: list[str]) -> int:
               + (f" thumbnail={model_cfg.thumbnail_filter}"
                  if model_cfg.thumbnail_filter != "bicubic" else "")
               + (f"\n  tasks: {', '.join(tc.tasks)}" if tc.tasks else "")
-              + (f"\n  vision tower from {tc.vit_init}" if tc.vit_init else ""))
+              + (f"\n  vision tower from {tc.vit_init}" if tc.vit_init else "")
+              + (f"\n  language stage: {tc.lm_steps} steps first" if tc.lm_steps else ""))
     try:
         metrics = train(tc, out, resume=args.resume is not None, stop_at=args.stop_at,
                         progress=not args.quiet)

@@ -142,6 +142,11 @@ def results_table(m: dict, title: str = "EntityGrid-QA test split") -> str:
                      f"{m['train_time_s']:.0f} s, {m['steps']} steps x {m['batch_size']}"
                      f"{' x ' + str(m['world_size']) + ' ranks' if m.get('world_size', 1) > 1 else ''}"
                      f"; eval {m.get('eval_time_s', 0):.0f} s)")
+    if m.get("lm_lookup_end") is not None:
+        before = m.get("lm_lookup")
+        lines.append(f"  {'language-stage lookup':<22}{m['lm_lookup_end']:>7.1f}  % on scenes "
+                     f"in words at the end ({'-' if before is None else f'{before:.1f}'} "
+                     f"after the stage, {m['lm_time_s']:.0f} s)")
     if "mfu" in m:
         step = m.get("step_flops", m.get("step_flops_frozen", 0))
         lines.append(f"  {'speed':<22}{m['samples_per_s']:>7.0f}  samples/s, {step / 1e9:.1f} "

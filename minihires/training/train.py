@@ -2,7 +2,8 @@
 
     tokenizer  <- trained in-process on every question and answer text (entitygrid.question_texts)
     model      <- preset (default tiny) + ablation switches, random init from --seed; with
-                  vit_init the vision tower then starts from `pretrain-vit` weights
+                  vit_init the vision tower then starts from `pretrain-vit` weights; with
+                  lm_steps the LLM first learns the lookup on scenes in words (pretrain_lm)
     for step in 0..steps-1:
         batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
                   with `turns` questions about it (data.conversation), packed so that each
@@ -14,11 +15,12 @@
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
 The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
-pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`). Budgets are
-counted in steps, not seconds, so a result does not depend on how busy the machine is. Under
-`torchrun` the same code runs DistributedDataParallel (gloo on CPU, nccl on GPU); each rank
-draws its own seeds and only rank 0 writes. The process group's
-life (bounded waits, a failing rank stopping the others, every rank leaving it together
+pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`) or lm_steps
+asks for the language stage (`minihires.training.pretrain_lm`, counted as training time).
+Budgets are counted in steps, not seconds, so a result does not depend on how busy the
+machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on CPU, nccl
+on GPU); each rank draws its own seeds and only rank 0 writes. The process group's life
+(bounded waits, a failing rank stopping the others, every rank leaving it together
 before rank 0 evaluates) is `minihires.training.distributed`'s. A run folder is checked and
 written by `minihires.training.checkpoint`: a resume goes only forward, and a step whose loss
 is not finite stops the run (`Diverged`) before it can write a checkpoint.
@@ -67,6 +69,7 @@ from minihires.model.tokenizer import Tokenizer
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
 from minihires.training import evaluate as scoring
+from minihires.training.pretrain_lm import first_step, lookup_accuracy, pretrain_lm
 from minihires.training.pretrain_vit import load_vit
 from minihires.training.progress import bar as progress_bar
 
@@ -113,6 +116,7 @@ class TrainConfig:
     tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
     vit_init: str | None = None           # ViT weights (`pretrain-vit --out`) to start from
     vit_init_sha256: str | None = None    # that file's SHA-256, recorded when the run starts
+    lm_steps: int = 0                     # language-stage steps before the main job (pretrain_lm)
     # the real-model path (`minihires.training.recipe`): LLaVA-format data instead of the
     # built-in stream; everything below needs `data`
     data: str | None = None               # a LLaVA-format JSON file
@@ -177,6 +181,13 @@ class TrainConfig:
                                      and all(is_int(b, 0) for b in v)),
              "sra_layers", "a list of block numbers >= 0 or None")
         self.model_config()     # the switches must fit the preset (e.g. overlap needs no SRA)
+        need(lambda v: is_int(v, 0), "lm_steps", "an int >= 0")
+        if self.lm_steps and self.data is not None:
+            raise ValueError("lm_steps teaches the LLM on EntityGrid-QA scenes in words, for the "
+                             "built-in stream's model; it cannot be combined with data")
+        if self.lm_steps and self.tasks is not None and "position" not in self.tasks:
+            raise ValueError(f"lm_steps teaches position questions, but the run's tasks "
+                             f"{self.tasks} ask none")
         need(lambda v: v is None or isinstance(v, str) and v, "vit_init", "a path or None")
         need(lambda v: v is None or (self.vit_init is not None and isinstance(v, str)
                                      and re.fullmatch(r"[0-9a-f]{64}", v)),
@@ -427,6 +438,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
             log.warning(f"stopped after step {step} of {tc.steps}; continue with "
                         f"`python -m minihires train --resume {out}`")
         return None
+    if tc.lm_steps:                               # what is left of the stage's lookup
+        speed["lm_lookup_end"] = lookup_accuracy(model, tokenizer, data_cfg)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics = {"steps": tc.steps, "seed": tc.seed, "batch_size": tc.batch_size,
                "world_size": world, "samples_seen": tc.steps * tc.batch_size * world,
@@ -442,6 +455,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "turns": tc.turns,
                "chat_turns": tc.chat_turns, "span_words": tc.span_words,
                "train_max_entities": tc.train_max_entities, "tasks": list(data_cfg.tasks),
+               "lm_steps": tc.lm_steps,
                "whole_canvas": model_cfg.whole_canvas,
                "thumbnail_filter": model_cfg.thumbnail_filter,
                "param_hash": param_hash(model), "rank_param_hashes": hashes, **speed}
@@ -455,6 +469,34 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     metrics["wall_time_s"] = metrics["train_time_s"] + metrics.get("eval_time_s", 0.0)
     ckpt.write_json(out / ckpt.METRICS, metrics)
     return metrics
+
+
+def _language_stage(tc: TrainConfig, model, opt, tokenizer, train_cfg, out: Path, rank: int,
+                    world: int, progress: bool) -> tuple[float, float]:
+    """Run the language stage (`pretrain_lm`), then write a step-0 checkpoint holding its
+    result, so that a resume never repeats it. -> (its seconds, its lookup accuracy)."""
+    t0 = time.perf_counter()
+    try:
+        with progress_bar(tc.lm_steps, unit="step", desc="language stage",
+                          disable=not progress or rank != 0) as lbar:
+            pretrain_lm(model, tokenizer, train_cfg, tc.lm_steps, tc.seed,
+                        first_step(tc.steps, tc.batch_size, world), lr=tc.lr,
+                        progress=lambda t, v: lbar.update(1))
+    except FloatingPointError as e:
+        raise Diverged(f"{e}; the run folder holds no weights: start a new run with a lower "
+                       "--lr") from None
+    except KeyboardInterrupt:
+        if rank == 0:
+            log.warning(f"interrupted during the language stage; `python -m minihires train "
+                        f"--resume {out}` starts it again")
+        raise
+    seconds = time.perf_counter() - t0
+    lookup = lookup_accuracy(model, tokenizer, train_cfg)
+    if rank == 0:
+        ckpt.save_checkpoint(out, model, opt, 0, extra={"train_time_s": seconds,
+                                                        "lm_time_s": seconds,
+                                                        "lm_lookup": lookup, "losses": []})
+    return seconds, lookup
 
 
 def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
@@ -480,7 +522,7 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
         load_vit(model.vision_tower, tc.vit_init, tc.vit_init_sha256)
     model = model.to(device)
     opt = make_optimizer(model, tc)
-    start, train_time, losses = 0, 0.0, []
+    start, losses = 0, []
     if rank == 0:
         if not resume:
             ckpt.claim_run_dir(out)
@@ -490,11 +532,17 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
             path = out / ckpt.TOKENIZER               # missing or damaged (see run_tokenizer),
             if not path.is_file() or path.read_bytes() != tokenizer.model_proto:
                 ckpt.atomic_write(path, tokenizer.save)   # or never written: nothing trained
+    lm_time, lm_lookup = 0.0, None
+    if tc.lm_steps and state is None:
+        lm_time, lm_lookup = _language_stage(tc, model, opt, tokenizer, train_cfg, out, rank,
+                                             world, progress)
+    train_time = lm_time                # the stage counts as training time
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state)
         start, train_time, losses = state["step"], state["train_time_s"], state["losses"]
+        lm_time, lm_lookup = state.get("lm_time_s", 0.0), state.get("lm_lookup")
         if rank == 0:
             ckpt.repair(out, state)            # weights and manifest lag after a kill
         del state
@@ -514,6 +562,8 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
         nonlocal saved_at
         if rank == 0:
             ckpt.save_checkpoint(out, model, opt, step, extra={"train_time_s": train_time,
+                                                               "lm_time_s": lm_time,
+                                                               "lm_lookup": lm_lookup,
                                                                "losses": losses[-100:]})
         saved_at = step
 
@@ -601,6 +651,9 @@ def _train_ranks(tc: TrainConfig, out: Path, resume: bool, stop_at: int | None,
     del ddp
     speed = speed_metrics(step_flops, done_flops, done_time, peak,
                           (step - start) * tc.batch_size * world)
+    speed["lm_time_s"] = lm_time          # the language stage's share of train_time_s
+    if tc.lm_steps:
+        speed["lm_lookup"] = lm_lookup    # after the stage (train() adds it at the end)
     return step, losses, train_time, hashes, speed, model, model_cfg, data_cfg, tokenizer
 
 
