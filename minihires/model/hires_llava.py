@@ -279,18 +279,27 @@ class HiResLLaVA(nn.Module):
         embeds, mask, labels, *seg = self.build_inputs(input_ids, attention_mask, images,
                                                        image_token_id, labels, "right",
                                                        segment_ids)
+        logits, loss = self.language_loss(embeds, mask, labels, seg[0] if seg else None,
+                                          reduction)
+        if loss is not None and unused is not None:
+            loss = loss + 0.0 * unused
+        return logits, loss
+
+    def language_loss(self, embeds: torch.Tensor, mask: torch.Tensor,
+                      labels: torch.Tensor | None, segment_ids: torch.Tensor | None = None,
+                      reduction: str = "mean"):
+        """`build_inputs`' results -> (logits [B, L, V], loss or None): the LLM's pass and the
+        next-token cross-entropy on labels != -100 (see `forward`)."""
         logits = self.language_model(embeds, attention_mask=None if bool(mask.all()) else mask,
                                      position_ids=None, cache=None,
-                                     segment_ids=seg[0] if seg else None)  # (B, L, V)
-        loss = None
-        if labels is not None:
-            target = labels[:, 1:]                                      # (B, L-1)
-            if not bool((target != IGNORE).any()):
-                raise ValueError("labels has no answer tokens (all -100): nothing to learn")
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   target.reshape(-1), ignore_index=IGNORE, reduction=reduction)
-            if unused is not None:
-                loss = loss + 0.0 * unused
+                                     segment_ids=segment_ids)             # (B, L, V)
+        if labels is None:
+            return logits, None
+        target = labels[:, 1:]                                          # (B, L-1)
+        if not bool((target != IGNORE).any()):
+            raise ValueError("labels has no answer tokens (all -100): nothing to learn")
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               target.reshape(-1), ignore_index=IGNORE, reduction=reduction)
         return logits, loss
 
     def _row_images(self, input_ids, attention_mask, pixel_values, grids, image_token_id):

@@ -68,14 +68,24 @@ def collate(examples: Sequence[tuple], pad_id: int) -> Batch:
     segments (`Tokenizer.questions`), when the examples carry them, become segment_ids."""
     if not examples:
         raise ValueError("collate needs at least one example")
-    B, T = len(examples), max(len(ex[2]) for ex in examples)
+    input_ids, attention_mask, labels, segment_ids = pad_rows([ex[2:] for ex in examples],
+                                                              pad_id)
+    pixel_values = torch.cat([ex[0] for ex in examples], dim=0)        # (sum n_i, 3, S, S)
+    return Batch(input_ids, attention_mask, labels, pixel_values, [tuple(ex[1]) for ex in examples],
+                 segment_ids)
+
+
+def pad_rows(rows: Sequence[tuple], pad_id: int):
+    """[(ids, labels or None[, segments])] -> right-padded (input_ids, attention_mask, labels
+    or None, segment_ids or None), each [B, T]: the text half of `collate`."""
+    B, T = len(rows), max(len(row[0]) for row in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
-    has_labels = examples[0][3] is not None
+    has_labels = rows[0][1] is not None
     labels = torch.full((B, T), IGNORE, dtype=torch.long) if has_labels else None
-    has_segments = len(examples[0]) > 4 and examples[0][4] is not None
+    has_segments = len(rows[0]) > 2 and rows[0][2] is not None
     segment_ids = torch.zeros((B, T), dtype=torch.long) if has_segments else None
-    for b, (_, _, ids, lab, *seg) in enumerate(examples):
+    for b, (ids, lab, *seg) in enumerate(rows):
         n = len(ids)
         input_ids[b, :n] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[b, :n] = 1
@@ -89,9 +99,7 @@ def collate(examples: Sequence[tuple], pad_id: int) -> Batch:
                 raise ValueError(f"example {b}: segments must be given for every example and "
                                  f"match its ids in length")
             segment_ids[b, :n] = torch.as_tensor(seg[0], dtype=torch.long)
-    pixel_values = torch.cat([ex[0] for ex in examples], dim=0)        # (sum n_i, 3, S, S)
-    return Batch(input_ids, attention_mask, labels, pixel_values, [tuple(ex[1]) for ex in examples],
-                 segment_ids)
+    return input_ids, attention_mask, labels, segment_ids
 
 
 def prepare(images: Sequence, questions: Sequence[str], tokenizer, cfg: ModelConfig,

@@ -31,12 +31,11 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 
 from minihires.data import batches
 from minihires.data.entities import BOARD
 from minihires.data.entitygrid import EntityGridConfig, Sample, test_split
-from minihires.model.inputs import IGNORE
+from minihires.model.inputs import IGNORE, pad_rows
 
 TEXT_TASKS = ("recognition", "position", "counting")   # the tasks a scene in words can answer
 STAGE_TASKS = ("position",)    # what the stage teaches: the lookup, the main job's last skill
@@ -71,15 +70,7 @@ def scene_batch(model, tokenizer, samples: list[Sample], turns: int, cfg: Entity
     """(inputs_embeds [B, L, Dl], attention mask [B, L], labels [B, L], segment ids [B, L]):
     each sample's questions packed after the chat prompt, its scene in words at <image>."""
     rows = [tokenizer.questions(batches.conversation(s, turns, cfg)) for s in samples]
-    B, T = len(rows), max(len(ids) for ids, _, _ in rows)
-    input_ids = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    segments = torch.zeros((B, T), dtype=torch.long)
-    for b, (ids, lab, seg) in enumerate(rows):
-        n = len(ids)
-        input_ids[b, :n], mask[b, :n] = torch.tensor(ids), 1
-        labels[b, :n], segments[b, :n] = torch.tensor(lab), torch.tensor(seg)
+    input_ids, mask, labels, segments = pad_rows(rows, tokenizer.pad_id)     # (B, T) each
     embed = model.language_model.embed_tokens.weight                   # (V, Dl)
     scenes = [scene_embeds(s, tokenizer, embed) for s in samples]      # [n_b, Dl] each
     dev = embed.device
@@ -90,11 +81,7 @@ def scene_batch(model, tokenizer, samples: list[Sample], turns: int, cfg: Entity
 def scene_loss(model, tokenizer, samples: list[Sample], turns: int,
                cfg: EntityGridConfig) -> torch.Tensor:
     """Mean next-token cross-entropy on the answers about the samples' scenes in words."""
-    embeds, mask, labels, seg = scene_batch(model, tokenizer, samples, turns, cfg)
-    logits = model.language_model(embeds, attention_mask=None if bool(mask.all()) else mask,
-                                  position_ids=None, cache=None, segment_ids=seg)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    return model.language_loss(*scene_batch(model, tokenizer, samples, turns, cfg))[1]
 
 
 def first_step(main_steps: int, batch_size: int, world_size: int = 1) -> int:
@@ -152,8 +139,7 @@ def lookup_accuracy(model, tokenizer, cfg: EntityGridConfig, n: int = LOOKUP_SPL
     right = 0
     for i in range(0, len(held_out), 128):
         embeds, mask, labels, seg = scene_batch(model, tokenizer, held_out[i:i + 128], 1, cfg)
-        logits = model.language_model(embeds, attention_mask=mask, position_ids=None,
-                                      cache=None, segment_ids=seg)         # (b, L, V)
+        logits = model.language_loss(embeds, mask, None, seg)[0]           # (b, L, V)
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]           # (b, L-1) each
         right += int(((pred == target) | (target == IGNORE)).all(1).sum())
     model.train(was_training)
