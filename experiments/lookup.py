@@ -25,6 +25,7 @@ batch of 512 questions at every evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -51,9 +52,9 @@ MAX_SLOTS = tiny().llama.vocab_size - PLACE_WORD
 class LookupLab(nn.Module):
     """The tiny preset's LLaMA plus the three image-token embedding tables."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, token_shift: int = 0):
         super().__init__()
-        cfg = tiny().llama
+        cfg = dataclasses.replace(tiny().llama, token_shift=token_shift)   # 0: plain LLaMA
         self.llm = Llama(cfg)
         D = cfg.hidden_size
         self.place = nn.Parameter(torch.randn(slots, D) * D ** -0.5)          # as crop embeddings
@@ -107,13 +108,13 @@ def check(slots, entities=2, steps=1, seed=0, every=1, lr=1e-3, batch_size=64) -
 
 
 def run(slots: int, entities: int = 2, steps: int = 1500, seed: int = 0, every: int = 100,
-        lr: float = 1e-3, batch_size: int = 64, progress=None, bar: bool = False
-        ) -> list[tuple[int, float, float]]:
+        lr: float = 1e-3, batch_size: int = 64, progress=None, bar: bool = False,
+        token_shift: int = 0) -> list[tuple[int, float, float]]:
     """Train a fresh lab; -> [(step, train loss, held-out accuracy)] every `every` steps.
     progress(step, loss, acc) is called at each evaluation; bar shows a tqdm progress bar."""
     check(slots, entities, steps, seed, every, lr, batch_size)
     torch.manual_seed(seed)
-    lab = LookupLab(slots)
+    lab = LookupLab(slots, token_shift)
     opt = torch.optim.AdamW(lab.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     held_out = make_batch(torch.Generator().manual_seed(10**6 + seed), 512, slots, entities)
@@ -157,6 +158,9 @@ def cli_lookup(argv: list[str]) -> int:
     p.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--token-shift", type=int, default=0, choices=range(9), metavar="N",
+                   help="the LLM's token shift (default 0, plain LLaMA, as the tables in "
+                        "docs/results.md; the tiny preset's is 3)")
     p.add_argument("--verbose", action="store_true", help="print every evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -177,7 +181,7 @@ def cli_lookup(argv: list[str]) -> int:
         for seed in args.seeds:
             t0 = time.perf_counter()
             curve = run(slots, args.entities, args.steps, seed, args.every, args.lr,
-                        progress=show, bar=not args.quiet)
+                        progress=show, bar=not args.quiet, token_shift=args.token_shift)
             hit = steps_to(curve, 0.9)
             print(f"{slots:>6} {seed:>5} {hit if hit else f'> {args.steps}':>13} "
                   f"{100 * curve[-1][2]:>12.1f} {time.perf_counter() - t0:>7.0f}", flush=True)

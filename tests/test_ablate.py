@@ -25,9 +25,11 @@ def test_two_variants_two_seeds(tmp_path, capsys):
     thumb = json.loads((runs / "thumbnail-seed0" / "config.json").read_text())
     full = json.loads((runs / "sms+sra-seed0" / "config.json").read_text())
     assert thumb["model"]["use_slices"] is False and full["model"]["use_sra"] is True
+    assert thumb["model"]["llama"]["token_shift"] == 3 == full["model"]["llama"]["token_shift"]
     # the same figures as JSON beside the table, each seed's own run
     figures = json.loads((runs / "ablation.json").read_text())
     assert figures["seeds"] == [0, 1] and list(figures["variants"]) == ["thumbnail", "sms+sra"]
+    assert figures["token_shift"] == 3                            # the tiny preset's
     for key in ("thumbnail", "sms+sra"):
         saved = [json.loads((runs / f"{key}-seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
         got = figures["variants"][key]["runs"]
@@ -114,3 +116,16 @@ def test_a_train_run_folder_counts_as_its_variant(tmp_path):
         finished_run(variant_config(dataclasses.replace(base, steps=3), "sms"), tmp_path / "run")
     with pytest.raises(ValueError, match="model differs"):
         finished_run(variant_config(base, "sms+sra"), tmp_path / "run")
+
+
+def test_token_shift_reaches_every_variant(tmp_path):
+    """`ablate --token-shift 0` trains every variant with the LLM as plain LLaMA, and says so."""
+    runs = tmp_path / "abl"
+    argv = ["--steps", "1", "--batch-size", "2", "--eval-n", "3", "--variants", "avg", "sms",
+            "--token-shift", "0", "--runs", str(runs), "--quiet"]
+    assert cli_ablate(argv) == 0
+    for key in ("avg", "sms"):
+        cfg = json.loads((runs / f"{key}-seed0" / "config.json").read_text())
+        assert cfg["model"]["llama"]["token_shift"] == 0
+    assert json.loads((runs / "ablation.json").read_text())["token_shift"] == 0
+    assert "token shift 0" in (runs / "ablation.md").read_text()

@@ -151,8 +151,8 @@ def test_llm_flops_and_kv_cache_match_the_model(kv_heads, tied):
     cache = llm.new_cache()
     with torch.no_grad():
         llm(x, cache=cache)
-    stored = sum(t.numel() for t in cache.keys + cache.values) * budget.KV_BYTES
-    assert stored == budget.kv_cache_bytes(cfg, T)
+    stored = sum(t.numel() for t in cache.keys + cache.values + cache.block_inputs)
+    assert cfg.token_shift and stored * budget.KV_BYTES == budget.kv_cache_bytes(cfg, T)
 
 
 # ----------------------------------------------------------------------------- parameters, CLI

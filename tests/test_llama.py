@@ -54,11 +54,12 @@ def left_padded(llm, lengths, seed=0):
 
 # ---- attention structure ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("token_shift", [0, 3])   # the tiny preset shifts by 3
 @settings(max_examples=8, deadline=None)
 @given(T=st.integers(2, 16), k=st.integers(1, 15), with_mask=st.booleans())
-def test_changing_later_tokens_never_changes_earlier_logits(T, k, with_mask):
+def test_changing_later_tokens_never_changes_earlier_logits(token_shift, T, k, with_mask):
     k = min(k, T - 1)
-    llm = make()
+    llm = make(token_shift=token_shift)
     x = torch.randn(2, T, llm.cfg.hidden_size)
     x2 = x.clone()
     x2[:, k:] = torch.randn(2, T - k, llm.cfg.hidden_size)
@@ -69,8 +70,9 @@ def test_changing_later_tokens_never_changes_earlier_logits(T, k, with_mask):
     assert not torch.allclose(y[:, k:], y2[:, k:])  # the change is visible where it may be
 
 
-def test_cache_fed_in_chunks_equals_one_pass():
-    llm = make()
+@pytest.mark.parametrize("token_shift", [0, 3])   # the tiny preset shifts by 3
+def test_cache_fed_in_chunks_equals_one_pass(token_shift):
+    llm = make(token_shift=token_shift)
     x = torch.randn(2, 13, llm.cfg.hidden_size)
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[0, :3] = 0  # left padding in row 0
@@ -85,8 +87,9 @@ def test_cache_fed_in_chunks_equals_one_pass():
     torch.testing.assert_close(torch.cat(outs, 1)[0, 3:], full[0, 3:], rtol=0, atol=1e-5)
 
 
-def test_left_padded_batch_matches_each_row_alone():
-    llm = make()
+@pytest.mark.parametrize("token_shift", [0, 3])   # the tiny preset shifts by 3
+def test_left_padded_batch_matches_each_row_alone(token_shift):
+    llm = make(token_shift=token_shift)
     lengths = [7, 3, 5, 1]
     embeds, mask, rows = left_padded(llm, lengths)
     with torch.no_grad():
@@ -158,9 +161,10 @@ def test_runs_in_dtype_on_cpu(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("token_shift", [0, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu_and_cache_matches_recompute(dtype):
-    llm = make()
+def test_cuda_matches_cpu_and_cache_matches_recompute(dtype, token_shift):
+    llm = make(token_shift=token_shift)
     embeds, mask, _ = left_padded(llm, [9, 4, 6])
     with torch.no_grad():
         ref = llm(embeds, mask)
@@ -176,8 +180,9 @@ def test_cuda_matches_cpu_and_cache_matches_recompute(dtype):
 
 # ---- generation ------------------------------------------------------------------------------
 
-def test_greedy_with_cache_equals_full_recompute_and_rows_alone():
-    llm = make(vocab_size=200)
+@pytest.mark.parametrize("token_shift", [0, 3])   # the tiny preset shifts by 3
+def test_greedy_with_cache_equals_full_recompute_and_rows_alone(token_shift):
+    llm = make(vocab_size=200, token_shift=token_shift)
     lengths = [8, 3, 5]
     embeds, mask, rows = left_padded(llm, lengths, seed=3)
     eos = unreachable(llm, 199)

@@ -13,9 +13,9 @@ SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_lay
              rope_theta=1000.0, rms_norm_eps=1e-6)
 
 
-def make(seed=0) -> Llama:
+def make(seed=0, token_shift=0) -> Llama:
     torch.manual_seed(seed)
-    return Llama(LlamaConfig(**SMALL)).double().eval()
+    return Llama(LlamaConfig(**SMALL, token_shift=token_shift)).double().eval()
 
 
 def test_hand_example():
@@ -38,13 +38,15 @@ def test_one_question_is_plain_causal_attention():
         torch.testing.assert_close(llm(x, segment_ids=seg), llm(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("token_shift", [0, 3])
 @settings(max_examples=25, deadline=None)
 @given(prefix=st.integers(1, 6), lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4),
        pad=st.integers(0, 3), seed=st.integers(0, 2**16))
-def test_each_packed_question_gets_its_logits_alone(prefix, lengths, pad, seed):
+def test_each_packed_question_gets_its_logits_alone(token_shift, prefix, lengths, pad, seed):
     """Random prefix and question lengths, right padding with junk: every packed token's
-    logits equal those of prefix + its own question run alone (float64)."""
-    llm = make()
+    logits equal those of prefix + its own question run alone (float64). With a token shift,
+    a question's first tokens must look back into the prefix, not the question before."""
+    llm = make(token_shift=token_shift)
     g = torch.Generator().manual_seed(seed)
     D = SMALL["hidden_size"]
     pre = torch.randn(prefix, D, generator=g, dtype=torch.float64)
@@ -65,9 +67,10 @@ def test_each_packed_question_gets_its_logits_alone(prefix, lengths, pad, seed):
             start += len(q)
 
 
-def test_gradients_flow_only_within_a_question():
+@pytest.mark.parametrize("token_shift", [0, 3])
+def test_gradients_flow_only_within_a_question(token_shift):
     """The loss on question 2 has no gradient with respect to question 1's tokens."""
-    llm = make()
+    llm = make(token_shift=token_shift)
     x = torch.randn(1, 9, SMALL["hidden_size"], dtype=torch.float64, requires_grad=True)
     seg = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])
     llm(x, segment_ids=seg)[0, 6:].sum().backward()

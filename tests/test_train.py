@@ -190,9 +190,9 @@ def test_span_words_writes_each_answer_as_one_piece():
 def test_chat_turns_flag_is_saved_and_resumed(tmp_path):
     """--chat-turns trains on conversations (other weights than the packed default), is kept
     in config.json and metrics.json, and a run folder saved before the flags existed resumes
-    as it was trained: a conversation, with pieces that end at spaces."""
+    as it was trained: a conversation, with pieces that end at spaces, and no token shift."""
     args = ["--steps", "2", "--eval-n", "0", "--batch-size", "2", "--turns", "3", "--quiet"]
-    before = ["--chat-turns", "--no-span-words"]             # as runs were before the flags
+    before = ["--chat-turns", "--no-span-words", "--token-shift", "0"]   # as before the flags
     outs = {c: tmp_path / ("chat" if c else "packed") for c in (True, False)}
     for c, out in outs.items():
         assert cli_train([*args, *(before if c else []), "--out", str(out)]) == 0
@@ -204,8 +204,10 @@ def test_chat_turns_flag_is_saved_and_resumed(tmp_path):
     old = tmp_path / "old"                                   # stopped, then the keys removed
     assert cli_train([*args, *before, "--out", str(old), "--stop-at", "1"]) == 0
     cfg = json.loads((old / ckpt.CONFIG).read_text())
-    for key in ("chat_turns", "span_words", "train_max_entities", "freeze_vision_at"):
+    for key in ("chat_turns", "span_words", "train_max_entities", "freeze_vision_at",
+                "token_shift"):
         del cfg["train"][key]
+    del cfg["model"]["llama"]["token_shift"]                 # a plain LLaMA then
     (old / ckpt.CONFIG).write_text(json.dumps(cfg))
     assert cli_train(["--resume", str(old), "--quiet"]) == 0
     assert load_file(old / ckpt.WEIGHTS).keys() == a.keys()

@@ -122,8 +122,13 @@ def llm_prefill_flops(llama: LlamaConfig, T: int) -> int:
 
 
 def kv_cache_bytes(llama: LlamaConfig, T: int, bytes_per: int = KV_BYTES) -> int:
+    """Keys and values of every layer, plus each block's inputs when the LLM has a token shift
+    (the cache keeps them to shift the next token)."""
     head_dim = llama.hidden_size // llama.num_attention_heads
-    return 2 * llama.num_hidden_layers * llama.num_key_value_heads * head_dim * T * bytes_per
+    per_token = 2 * llama.num_key_value_heads * head_dim                # K and V, one layer
+    if llama.token_shift:
+        per_token += llama.hidden_size                                  # the block's input
+    return llama.num_hidden_layers * per_token * T * bytes_per
 
 
 # ----------------------------------------------------------------------------- the table

@@ -36,6 +36,9 @@ def cli_ablate(argv: list[str]) -> int:
                    "continuity for the seam benchmark")
     p.add_argument("--thumbnail-filter", choices=("bicubic", "box"), default=None,
                    help="thumbnail resampling for every variant (default: bicubic)")
+    p.add_argument("--token-shift", type=int, default=None, metavar="N",
+                   help="the LLM's token shift for every variant (default: the preset's; "
+                        "0 turns it off)")
     p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
                    help="ViT blocks that SliceRestore follows in the SRA variant (default: the "
                         "preset's)")
@@ -66,7 +69,8 @@ def cli_ablate(argv: list[str]) -> int:
     base = T.TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          turns=args.turns, lr=args.lr, eval_n=args.eval_n, device=args.device,
                          threads=args.threads, tasks=args.tasks,
-                         thumbnail_filter=args.thumbnail_filter, sra_layers=args.sra_layers)
+                         thumbnail_filter=args.thumbnail_filter, sra_layers=args.sra_layers,
+                         token_shift=args.token_shift)
 
     sra = [k for k in args.variants if VARIANTS[k][1].get("use_sra")]
     if args.sra_vit_init is not None and not sra:

@@ -23,7 +23,8 @@ _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "
                  "freeze_vision_at", "lm_steps",
                  "seed", "eval_n", "span_words", "train_max_entities",
                  "compression", "overlap", "use_slices", "use_sra", "crop_embedding",
-                 "whole_canvas", "sra_layers", "thumbnail_filter", "tasks", "vit_init",
+                 "token_shift", "whole_canvas", "sra_layers", "thumbnail_filter", "tasks",
+                 "vit_init",
                  "warmup_steps", "ckpt_every",
                  "data", "image_folder", "skip_bad_rows", "tokenizer", "init_from_hf",
                  "init_from_llava", "stage", "train_vision", "grad_accum", "epochs",
@@ -92,6 +93,9 @@ def cli_train(argv: list[str]) -> int:
                    help="ablation: no SliceRestore adapter")
     p.add_argument("--no-crop-embedding", dest="crop_embedding", action="store_const",
                    const=False, help="ablation: no learned crop embedding on the visual tokens")
+    p.add_argument("--token-shift", type=int, default=None, metavar="N",
+                   help="the LLM mixes each block's input with its N previous tokens' "
+                        "(default: the preset's; tiny: 3, paper: 0); 0 turns it off")
     p.add_argument("--compression", choices=COMPRESSIONS, default=None,
                    help="token compression per crop (default: the preset's, sms)")
     p.add_argument("--overlap", type=float, default=None,
@@ -165,9 +169,11 @@ def cli_train(argv: list[str]) -> int:
             p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
         with user_input("--resume: "):
             out = ckpt.check_run_dir(args.resume, ckpt.CONFIG)
-            _, saved, _ = ckpt.load_config(out)
+            saved_model, saved, _ = ckpt.load_config(out)
             saved.setdefault("chat_turns", True)     # run folders from before packing chatted
             saved.setdefault("span_words", False)    # and ended every piece at a space
+            # and from before the token shift, a plain LLaMA (the model section says which)
+            saved.setdefault("token_shift", saved_model.llama.token_shift)
             saved.update({k: getattr(args, k) for k in ("device", "threads")
                           if getattr(args, k) is not None})
             reshape = {k: getattr(args, k) for k in _RESHAPE if getattr(args, k) is not None}
@@ -259,7 +265,8 @@ def cli_train(argv: list[str]) -> int:
               + (f"blocks {','.join(map(str, model_cfg.vit.sra_layers))} "
                  if model_cfg.sra_runs else "False ")
               + f"compression={model_cfg.compression} overlap={model_cfg.overlap} "
-              f"crop_embedding={model_cfg.crop_embedding} vision_lr_scale={tc.vision_lr_scale}"
+              f"crop_embedding={model_cfg.crop_embedding} "
+              f"token_shift={model_cfg.llama.token_shift} vision_lr_scale={tc.vision_lr_scale}"
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")
               + (f" thumbnail={model_cfg.thumbnail_filter}"
                  if model_cfg.thumbnail_filter != "bicubic" else "")

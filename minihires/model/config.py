@@ -130,7 +130,11 @@ class SMSConfig:
 
 @dataclass
 class LlamaConfig:
-    """A LLaMA decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+    """A LLaMA decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+
+    token_shift n > 0 adds our token shift before every block (`minihires.model.token_shift`):
+    the tiny preset's from-scratch LLM uses n = 3; real LLaMA weights have none (n = 0).
+    """
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -141,8 +145,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    token_shift: int = 0           # predecessors mixed into each block's input; 0: LLaMA as is
 
     def validate(self) -> None:
+        ts = self.token_shift
+        if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= 8:
+            raise ValueError(f"llama.token_shift must be an int in 0..8, got {ts!r}")
         _positive_ints(self, "llama", "vocab_size", "hidden_size", "intermediate_size",
                        "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                        "max_position_embeddings")
@@ -281,7 +289,7 @@ def tiny() -> ModelConfig:
         llama=LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=320,
                           num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
                           max_position_embeddings=512, rope_theta=200.0,
-                          tie_word_embeddings=True),
+                          tie_word_embeddings=True, token_shift=3),
         max_slices=4,
         crop_embedding=True,
     ))

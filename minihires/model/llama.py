@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from minihires.model import shared_prefix
 from minihires.model.config import LlamaConfig
+from minihires.model.token_shift import TokenShift, predecessors
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +80,10 @@ class KVCache:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        # for a token shift (`minihires.model.token_shift`): every block's inputs so far
+        # (B, length, D) and the tokens' rotary positions (B, length)
+        self.block_inputs: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -181,6 +186,9 @@ class Llama(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.token_shifts = (nn.ModuleList(TokenShift(cfg.token_shift, cfg.hidden_size)
+                                           for _ in range(cfg.num_hidden_layers))
+                             if cfg.token_shift else None)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
@@ -244,12 +252,38 @@ class Llama(nn.Module):
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta,
                                   inputs_embeds.dtype)  # (B, T, hs) each
         x = inputs_embeds
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+        if self.token_shifts is None:
+            for block in self.layers:
+                x = block(x, cos, sin, mask, cache)
+        else:
+            x = self._shifted_blocks(x, position_ids, mask, past, cos, sin, cache)
         x = self.norm(x)
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)  # (B, T, V), tied
         return self.lm_head(x)  # (B, T, V)
+
+    def _shifted_blocks(self, x, position_ids, mask, past, cos, sin, cache):
+        """The blocks, each after its token shift; the cache keeps their inputs."""
+        B, T, _ = x.shape
+        S = past + T
+        if mask is None:                                                   # plain causal
+            visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]  # (1, T, T)
+        else:
+            visible = mask[:, 0]                                           # (B or 1, T, S)
+        key_positions = position_ids
+        if cache is not None and past:
+            key_positions = torch.cat([cache.positions, position_ids], 1)  # (B, S)
+        preds = predecessors(position_ids, key_positions, visible, self.cfg.token_shift)
+        for i, (shift, block) in enumerate(zip(self.token_shifts, self.layers)):
+            keys = x
+            if cache is not None:
+                if past:
+                    keys = torch.cat([cache.block_inputs[i], x], 1)        # (B, S, D)
+                cache.block_inputs[i] = keys
+            x = block(shift(x, keys, preds), cos, sin, mask, cache)
+        if cache is not None:
+            cache.positions = key_positions
+        return x
 
     def _check_inputs(self, inputs_embeds, attention_mask, position_ids, cache) -> int:
         """Validate forward's arguments; return the number of cached tokens."""

@@ -57,7 +57,7 @@ def flat(m: dict) -> dict:
 
 
 SWITCHES = ("use_slices", "use_sra", "compression", "overlap", "crop_embedding", "whole_canvas",
-            "sra_layers", "thumbnail_filter")   # compared through the model they build
+            "sra_layers", "thumbnail_filter", "token_shift")   # compared through the model
 MACHINE = ("device", "threads", "vit_init")   # where a run ran or its file lay, not what it
                                               # is (the file's SHA-256 is compared)
 
@@ -116,6 +116,7 @@ def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig,
                                                            "train_time_s", "steps", "eval_n"]
     encoders = encoders or {}
     return {"seeds": seeds, "tasks": tc.tasks, "thumbnail_filter": tc.thumbnail_filter,
+            "token_shift": tc.model_config().llama.token_shift,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
                                "vit_init": encoder_id(encoders.get(key)),
                                "runs": [{k: flat(r).get(k) for k in keys} for r in runs]}
@@ -156,6 +157,7 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
                  f"{'; tasks ' + ', '.join(tc.tasks) if tc.tasks else ''}"
                  f"{'; thumbnail ' + tc.thumbnail_filter if tc.thumbnail_filter else ''}"
+                 f"; LLM token shift {tc.model_config().llama.token_shift}"
                  f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     started = {k: Path(f[0]).name for k, f in (encoders or {}).items() if f}

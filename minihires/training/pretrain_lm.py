@@ -3,9 +3,10 @@
 LLaVA starts from a pretrained LLM (Vicuna) that already finds things in its context; ours
 starts from random weights, and in the main job that lookup ("Where are the red stripes?":
 find the entity the words describe among the image tokens, say where it is) is the last
-thing to form, often not within the budget (docs/results.md, "The lookup experiment"). This
-stage teaches the LLM that skill first, from words alone, in cheap steps (no vision side,
-short sequences): `train --lm-steps N`, off by default.
+thing to form; without the token shift (`--token-shift 0`) often not within the budget
+(docs/results.md, "The lookup experiment"). This stage teaches the LLM that skill first, from
+words alone, in cheap steps (no vision side, short sequences): `train --lm-steps N`, off by
+default, measured before the token shift.
 
 A *scene in words* stands where the image goes: one token per entity, the sum of the word
 embeddings of its name and its place,

@@ -113,6 +113,7 @@ class TrainConfig:
     whole_canvas: bool | None = None      # the native-resolution control (ModelConfig)
     sra_layers: list[int] | None = None   # ViT blocks SliceRestore follows (vit.sra_layers)
     thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
+    token_shift: int | None = None        # the LLM's token shift, 0 = off (llama.token_shift)
     tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
     vit_init: str | None = None           # ViT weights (`pretrain-vit --out`) to start from
     vit_init_sha256: str | None = None    # that file's SHA-256, recorded when the run starts
@@ -174,6 +175,8 @@ class TrainConfig:
             need(lambda v: isinstance(v, bool), name, "true or false")
         for name in ("use_slices", "use_sra", "crop_embedding"):
             need(lambda v: v is None or isinstance(v, bool), name, "true, false or None")
+        need(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                     and 0 <= v <= 8), "token_shift", "an int in 0..8 or None")
         need(lambda v: v is None or v in COMPRESSIONS, "compression",
              f"one of {COMPRESSIONS} or None")
         need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
@@ -258,6 +261,12 @@ class TrainConfig:
             if folder and not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"init folder {folder} has no config.json (not a Hugging Face "
                                  "model folder)")
+        if self.token_shift is not None and self.init_from_run:
+            raise ValueError("token_shift comes with the weights of init_from_run (its "
+                             "config.json); leave it unset")
+        if self.token_shift and (self.init_from_hf or self.init_from_llava):
+            raise ValueError("token_shift needs an LLM trained with it; LLaMA weights loaded "
+                             "from a Hugging Face folder have none (leave it unset or 0)")
         if self.stage != "finetune" and self.train_vision:
             raise ValueError("train_vision applies to stage finetune only")
 
@@ -271,6 +280,9 @@ class TrainConfig:
         if self.sra_layers is not None:
             cfg = dataclasses.replace(cfg, vit=dataclasses.replace(
                 cfg.vit, sra_layers=tuple(self.sra_layers)))
+        if self.token_shift is not None:
+            cfg = dataclasses.replace(cfg, llama=dataclasses.replace(
+                cfg.llama, token_shift=self.token_shift))
         cfg.validate()
         return cfg
 
@@ -451,6 +463,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
                "use_sra": model_cfg.use_sra, "compression": model_cfg.compression,
                "sra_layers": list(model_cfg.vit.sra_layers) if model_cfg.sra_runs else None,
                "overlap": model_cfg.overlap, "crop_embedding": model_cfg.crop_embedding,
+               "token_shift": model_cfg.llama.token_shift,
                "vision_lr_scale": tc.vision_lr_scale, "freeze_vision_at": tc.freeze_vision_at,
                "turns": tc.turns,
                "chat_turns": tc.chat_turns, "span_words": tc.span_words,
