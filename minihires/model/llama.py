@@ -264,8 +264,7 @@ class Llama(nn.Module):
 
     def _shifted_blocks(self, x, position_ids, mask, past, cos, sin, cache):
         """The blocks, each after its token shift; the cache keeps their inputs."""
-        B, T, _ = x.shape
-        S = past + T
+        T = x.shape[1]
         if mask is None:                                                   # plain causal
             visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]  # (1, T, T)
         else:

@@ -6,10 +6,9 @@ block inputs of its n nearest visible predecessors (ours, on the tiny preset onl
 Why. A position question ("Where are the red stripes? ASSISTANT:") is answered at the last
 token, three tokens after the description it asks about. A plain decoder must first learn a
 head that brings the description to the answer position and then a head that matches it
-against the image tokens; a small model trained from scratch sits at chance until both exist
-at once, and in the main job's 1200 steps they never did (docs/history.md). With the shift,
-the answer position's own input already holds the description, so one head's match is enough
-and the gradient reaches it from the first step. The same idea appears as RWKV's token shift,
+against the image tokens, and neither helps the loss until both exist, so a small model
+trained from scratch waits at chance for a long time (docs/history.md). With the shift, the
+answer position's own input already holds the description, so one head's match is enough. The same idea appears as RWKV's token shift,
 the short causal convolutions of H3 and Based, and Canon layers; this is a depthwise causal
 convolution of kernel n + 1 whose centre tap is the residual itself. A pretrained LLaMA learned
 its copying heads long ago, so the `paper` preset and loaded weights keep it off (n = 0).
