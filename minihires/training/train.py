@@ -175,8 +175,7 @@ class TrainConfig:
             need(lambda v: isinstance(v, bool), name, "true or false")
         for name in ("use_slices", "use_sra", "crop_embedding"):
             need(lambda v: v is None or isinstance(v, bool), name, "true, false or None")
-        need(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                     and 0 <= v <= 8), "token_shift", "an int in 0..8 or None")
+        need(lambda v: v is None or is_int(v, 0, 8), "token_shift", "an int in 0..8 or None")
         need(lambda v: v is None or v in COMPRESSIONS, "compression",
              f"one of {COMPRESSIONS} or None")
         need(lambda v: v is None or (is_num(v) and 0 <= v < 1), "overlap", "in [0, 1)")
