@@ -65,6 +65,7 @@ setup(
     version="0.1.0",
     description="A from-scratch, readable HiRes-LLaVA with hand-written C++/CUDA kernels",
     packages=find_packages(include=["minihires", "minihires.*"]),
+    package_data={"minihires": ["weights/*.pt", "weights/README.md"]},   # the shipped encoders
     python_requires=">=3.10",
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -170,10 +170,17 @@ def test_samples_are_deterministic_balanced_and_answerable():
     assert set(eg.answer_vocabulary(CFG)) >= {"yes", "no"}
 
 
-def test_the_default_tasks_keep_the_three_task_split():
+def test_the_default_tasks_are_all_four():
     default = eg.EntityGridConfig()
-    assert default.tasks == ("recognition", "position", "counting")
-    assert [eg.sample(s, default).task for s in eg.test_seeds(6)] == list(default.tasks) * 2
+    assert default.tasks == ("recognition", "position", "counting", "continuity") == eg.TASKS
+    assert [eg.sample(s, default).task for s in eg.test_seeds(8)] == list(default.tasks) * 2
+    three = eg.EntityGridConfig(tasks=eg.TASKS[:3])       # the split before continuity joined
+    assert [eg.sample(s, three).task for s in eg.test_seeds(6)] == list(eg.TASKS[:3]) * 2
+    # where boards cannot be drawn, the default is the first three; asked for, an error
+    for geometry in (dict(rows=2, cols=3), dict(slice_size=48, entity_size=0.45)):
+        assert eg.EntityGridConfig(**geometry).tasks == eg.TASKS[:3]
+        with pytest.raises(ValueError, match="continuity boards"):
+            eg.EntityGridConfig(**geometry, tasks=eg.TASKS)
     with pytest.raises(ValueError, match="tasks"):
         eg.EntityGridConfig(tasks=("continuity", "reading"))
     with pytest.raises(ValueError, match="tasks"):

@@ -18,6 +18,7 @@ from PIL import Image
 from minihires.cli.entitygrid import cli_entitygrid
 from minihires.data import entitygrid as eg
 from minihires.data.entities import (
+    BOARD,
     CLASSES,
     COLOURS,
     POSITIONS,
@@ -72,7 +73,8 @@ def test_pixels_match_recorded_hash():
     If you change the classes, colours, sampling or EntityGridConfig defaults on purpose,
     print the hash below and update GOLDEN.
     """
-    cfg = EntityGridConfig(slice_size=32, rows=2, cols=2, entity_size=0.5, jitter=2)
+    cfg = EntityGridConfig(slice_size=32, rows=2, cols=2, entity_size=0.5, jitter=2,
+                           tasks=("recognition", "position", "counting"))
     seeds = [*range(30), *eg.test_seeds(9)]
     h = hashlib.sha256()
     for seed in seeds:
@@ -133,15 +135,18 @@ def test_stream_rejects_bad_arguments(kwargs, match):
         next(stream(**kwargs))
 
 
-def test_test_split_is_balanced():
-    split = eg.test_split(54)
-    assert Counter(s.task for s in split) == {t: 18 for t in EntityGridConfig().tasks}
+@pytest.mark.parametrize("tasks", [None, eg.TASKS[:3]])
+def test_test_split_is_balanced(tasks):
+    cfg = EntityGridConfig(tasks=tasks)
+    k = len(cfg.tasks)
+    split = eg.test_split(18 * k, cfg)
+    assert Counter(s.task for s in split) == {t: 18 for t in cfg.tasks}
     anchor = Counter((s.task, s.positions[0] if s.task != "counting" else None) for s in split)
-    for t in ("recognition", "position"):
+    for t in set(cfg.tasks) - {"counting"}:
         assert all(anchor[(t, p)] == 2 for p in POSITIONS)
     for s in split:   # counting: the balanced anchor is one of the counted entities
         i = s.seed - TEST_SEED_BASE
-        assert eg.POSITION_NAMES[i // 3 % 9] in s.positions
+        assert eg.POSITION_NAMES[i // k % 9] in s.positions
     assert 0.4 < sum(s.on_seam for s in split) / len(split) < 0.7   # 5 of 9 anchors on seams
 
 
@@ -151,8 +156,9 @@ def test_every_position_class_colour_task_and_count_is_reachable():
     samples = [sample(seed) for seed in range(300)]
     ents = [e for s in samples for e in s.entities]
     assert {e.position for e in ents} == set(POSITIONS)
-    assert {(e.cls, e.colour) for e in ents} == {(c, k) for c in CLASSES for k in COLOURS}
-    assert {s.task for s in samples} == set(EntityGridConfig().tasks)
+    assert {(e.cls, e.colour) for e in ents if e.cls != BOARD} == \
+        {(c, k) for c in CLASSES for k in COLOURS}
+    assert {s.task for s in samples} == set(EntityGridConfig().tasks) == set(eg.TASKS)
     assert {s.answer for s in samples if s.task == "counting"} == set(NUMBER_WORDS[1:4])
     assert {len(s.entities) for s in samples} == {1, 2, 3}
     assert {s.on_seam for s in samples} == {True, False}
@@ -193,8 +199,9 @@ def test_crosses_seam_boundaries():
 @given(seed=st.integers(0, 2**40 - 1), S=st.sampled_from([24, 32, 40, 48]),
        rows=st.integers(2, 3), cols=st.integers(2, 3), jitter=st.integers(0, 3))
 def test_samples_are_consistent(seed, S, rows, cols, jitter):
-    try:
-        cfg = EntityGridConfig(slice_size=S, rows=rows, cols=cols, jitter=jitter)
+    try:                # the pattern tasks; the boards are tests/test_continuity.py's
+        cfg = EntityGridConfig(slice_size=S, rows=rows, cols=cols, jitter=jitter,
+                               tasks=eg.TASKS[:3])
     except ValueError:
         assume(False)
     s = sample(seed, cfg)
@@ -251,7 +258,8 @@ def check_answer(s):
 
 
 def test_default_samples_are_consistent():
-    for s in eg.test_split(27) + [sample(seed) for seed in range(60)]:
+    samples = eg.test_split(36) + [sample(seed) for seed in range(80)]
+    for s in (s for s in samples if s.task != "continuity"):     # boards: test_continuity.py
         check_entities(s, CFG)
         check_answer(s)
 
@@ -260,7 +268,8 @@ def test_questions_about_an_image_are_all_its_questions():
     """questions_about lists the sample's own question and every other one the image answers,
     each with the answer the entities give, all in the answer vocabulary."""
     vocab = set(eg.answer_vocabulary(CFG))
-    for s in eg.test_split(54) + [sample(seed) for seed in range(200)]:
+    samples = eg.test_split(72) + [sample(seed) for seed in range(200)]
+    for s in (s for s in samples if s.task != "continuity"):     # boards: test_continuity.py
         qs = eg.questions_about(s.entities, CFG)
         assert (s.question, s.answer, s.task) in qs
         assert len({q for q, _, _ in qs}) == len(qs), "a question listed twice"
@@ -402,7 +411,10 @@ def test_score_on_samples_and_edge_cases():
 
 def test_vocabulary_and_question_texts():
     vocab = answer_vocabulary()
-    assert len(vocab) == len(set(vocab)) == len(CLASSES) * len(COLOURS) + len(POSITIONS) + 3
+    assert len(vocab) == len(set(vocab)) == \
+        len(CLASSES) * len(COLOURS) + len(POSITIONS) + 3 + 2     # one..three, yes/no
+    three = answer_vocabulary(EntityGridConfig(tasks=eg.TASKS[:3]))
+    assert set(vocab) - set(three) == {"yes", "no"}
     texts = list(question_texts())
     assert set(vocab) <= set(texts)
     assert "What is at the bottom right?" in texts and "How many entities have bars?" in texts
@@ -433,7 +445,7 @@ def test_cli_test_split(tmp_path, capsys):
     out = tmp_path / "eg"
     assert cli_entitygrid(["--split", "test", "--n", "12", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "12/12" in text and "recognition 4, position 4, counting 4" in text
+    assert "12/12" in text and "recognition 3, position 3, counting 3, continuity 3" in text
     assert re.search(r"on seam: \d+/12", text)
     recs = load_export(out)
     assert [r["seed"] for r in recs] == list(eg.test_seeds(12))

@@ -89,7 +89,7 @@ def test_the_training_notebook_shows_a_model_that_learns():
     nb = nbformat.read(TUTORIALS / "07_train_on_entitygrid.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in code_cells(nb) for o in c.outputs
                    if o.output_type == "stream")
-    for task in ("recognition", "position", "counting"):
+    for task in ("recognition", "position", "counting", "continuity"):
         assert re.search(rf"^{task} .*: above chance$", text, re.M), \
             f"{task}: the committed run of notebook 07 is not above chance"
 

@@ -257,8 +257,8 @@ def test_misfitting_or_foreign_files_are_named_before_any_run(encoders, tmp_path
              (cli_pretrain_vit, ["--stage", "slices", "--out", str(encoders / "s.pt")],
               "never overwrites"),
              # adapters after blocks 0-2 in the file, after block 1 in the model: said, not dropped
-             (cli_train, ["--vit-init", str(encoders / "sra.pt"), "--out", str(tmp_path / "r")],
-              "--vit-init: these weights do not fit"),
+             (cli_train, ["--vit-init", str(encoders / "sra.pt"), "--sra-layers", "1",
+                          "--out", str(tmp_path / "r")], "--vit-init: these weights do not fit"),
              (cli_ablate, ["--variants", "sms+sra", "--vit-init", str(tmp_path / "bad.pt"),
                            "--runs", str(tmp_path / "a")], "variant sms+sra"),
              (cli_ablate, ["--variants", "sms", "--sra-vit-init", str(encoders / "sra.pt"),

@@ -61,7 +61,8 @@ def test_stage_changes_exactly_its_parameters(folders, tmp_path, stage, extra):
 
 def test_init_from_llava_keeps_its_projector(folders):
     *_, llava_dir, _ = folders
-    model = hf.hires_from_llava(llava_dir, TrainConfig().model_config())
+    # the tiny LLaVA feeds feature_layer -2, so blocks 0 and 1 can take adapters
+    model = hf.hires_from_llava(llava_dir, TrainConfig(sra_layers=[1]).model_config())
     ref = hf.load_llava_model(llava_dir)
     assert model.cfg.mode == "hires" and hasattr(model, "sampler")
     for name in ("multi_modal_projector.linear_1.weight", "language_model.norm.weight",

@@ -88,7 +88,7 @@ def test_eval_reproduces_metrics(run, capsys):
         assert sum(n for _, n in cells) == saved["counts"][task]
         assert right == saved["correct"][task], task
     # --attention: one table per question kind, a row per layer and head (minihires.probe)
-    assert cli_eval([str(run), "--attention"]) == 0
+    assert cli_eval([str(run), "--attention", "--n", "36"]) == 0    # both kinds with two entities
     out = capsys.readouterr().out
     for task in ("position", "recognition"):
         assert f"attention mass from the answer position, {task}, two entities" in out
@@ -399,7 +399,7 @@ def test_crop_embedding_switch():
 
 
 def test_sra_layers_switch_places_the_adapters():
-    assert TrainConfig().model_config().vit.sra_layers == (1,)         # the tiny preset's
+    assert TrainConfig().model_config().vit.sra_layers == (0, 1, 2)    # the tiny preset's
     cfg = TrainConfig(sra_layers=[0, 2]).model_config()
     assert cfg.vit.sra_layers == (0, 2)
     assert sorted(HiResLLaVA(cfg).vision_tower.sra.keys()) == ["0", "2"]

@@ -16,7 +16,7 @@ from minihires.cli.errors import UserError, report
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "train": ("minihires.cli.train", "train a model from scratch on EntityGrid-QA (default preset tiny)"),
+    "train": ("minihires.cli.train", "train the tiny model on EntityGrid-QA: the main job (default preset tiny)"),
     "eval": ("minihires.cli.eval", "re-score a run folder on the EntityGrid-QA test split"),
     "ask": ("minihires.cli.ask", "answer a question about an image with a trained or HF model"),
     "entitygrid": ("minihires.cli.entitygrid", "export EntityGrid-QA images and questions"),

@@ -9,6 +9,7 @@ from minihires.cli.errors import ArgumentParser, UserError, command, user_input
 from minihires.cli.train import block_list
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
+from minihires.training.encoders import BUNDLED, resolve
 from minihires.training.pretrain_vit import BadWeights, file_sha256, read_weights
 from minihires.training.ablate import (VARIANTS, finished_run, markdown_table, summary,
                                        variant_config)
@@ -35,16 +36,17 @@ def cli_ablate(argv: list[str]) -> int:
                    metavar="T1,T2,...", help="EntityGrid-QA tasks (default: train's); add "
                    "continuity for the seam benchmark")
     p.add_argument("--thumbnail-filter", choices=("bicubic", "box"), default=None,
-                   help="thumbnail resampling for every variant (default: bicubic)")
+                   help="thumbnail resampling for every variant (default: the preset's; tiny: box)")
     p.add_argument("--token-shift", type=int, default=None, metavar="N",
                    help="the LLM's token shift for every variant (default: the preset's; "
                         "0 turns it off)")
     p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
                    help="ViT blocks that SliceRestore follows in the SRA variant (default: the "
                         "preset's)")
-    p.add_argument("--vit-init", metavar="FILE", default=None,
+    p.add_argument("--vit-init", metavar="FILE|none", default=None,
                    help="start every variant's vision tower from these weights (`pretrain-vit "
-                        "--out`)")
+                        "--out`), or none: from scratch (default: each variant from the "
+                        "shipped encoder of its kind, minihires/weights)")
     p.add_argument("--sra-vit-init", metavar="FILE", default=None,
                    help="the variants with SliceRestore start from these instead (a file "
                         "pretrained with their adapters)")
@@ -78,16 +80,22 @@ def cli_ablate(argv: list[str]) -> int:
     if args.vit_init is not None and args.sra_vit_init is not None \
             and len(sra) == len(args.variants):
         p.error("--vit-init is for the variants without SliceRestore, and none is chosen")
+    vit_init = BUNDLED if args.vit_init is None else None if args.vit_init == "none" \
+        else args.vit_init
     sha = {}                               # file -> SHA-256, read once, before any training
-    for flag, path in (("--vit-init", args.vit_init), ("--sra-vit-init", args.sra_vit_init)):
-        if path is not None:
+    for flag, path in (("--vit-init", vit_init), ("--sra-vit-init", args.sra_vit_init)):
+        if path not in (None, BUNDLED):
             with user_input(f"{flag}: "):          # missing or unreadable: one line
                 read_weights(path)
                 sha[path] = file_sha256(path)
 
     def encoder(key: str) -> tuple[str, str] | None:
         """(absolute path, SHA-256) of the weights variant `key` starts from, or None."""
-        path = args.sra_vit_init or args.vit_init if key in sra else args.vit_init
+        path = args.sra_vit_init or vit_init if key in sra else vit_init
+        if path == BUNDLED:                # the shipped file of the variant's kind, if any
+            path = resolve(variant_config(base, key)).vit_init
+            if path is not None and path not in sha:
+                sha[path] = file_sha256(path)
         return None if path is None else (os.path.abspath(path), sha[path])
 
     def run_config(key: str, seed: int) -> T.TrainConfig:

@@ -43,9 +43,10 @@ def cli_entitygrid(argv: list[str]) -> int:
     p.add_argument("--slice-size", type=int, default=EntityGridConfig.slice_size)
     p.add_argument("--rows", type=int, default=EntityGridConfig.rows)
     p.add_argument("--cols", type=int, default=EntityGridConfig.cols)
-    p.add_argument("--tasks", default=",".join(EntityGridConfig.tasks),
-                   help=f"comma-separated tasks from {','.join(TASKS)} "
-                        f"(default {','.join(EntityGridConfig.tasks)})")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated tasks from {','.join(TASKS)} (default: all four "
+                        "where continuity boards fit the canvas, as on the default 2x2 one; "
+                        "else the first three)")
     p.add_argument("--format", choices=("questions", "llava"), default="questions",
                    help="questions: questions.jsonl only (default); llava: also llava.json "
                         "(LLaVA's conversation format, for `train --data` / `eval --data`) "
@@ -74,7 +75,8 @@ def cli_entitygrid(argv: list[str]) -> int:
     with user_input():
         try:
             cfg = EntityGridConfig(slice_size=args.slice_size, rows=args.rows, cols=args.cols,
-                                   tasks=tuple(t.strip() for t in args.tasks.split(",")))
+                                   tasks=None if args.tasks is None else
+                                   tuple(t.strip() for t in args.tasks.split(",")))
         except (TypeError, ValueError) as e:
             raise ValueError(f"--{'tasks' if 'tasks' in str(e) else 'slice-size/--rows/--cols'}"
                              f": {e}") from None

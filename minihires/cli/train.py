@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
+from minihires.data.batches import data_config
 from minihires.data.entitygrid import TASKS, EntityGridConfig
 from minihires.data.llava import BadData
 from minihires.model.config import COMPRESSIONS, PRESETS, THUMBNAIL_FILTERS
 from minihires.training import checkpoint as ckpt
-from minihires.training import distributed
+from minihires.training import distributed, encoders
+from minihires.training.encoders import BUNDLED
 from minihires.training.evaluate import results_table
 from minihires.training.fsdp import read_progress
 from minihires.training.pretrain_vit import BadWeights, file_sha256
@@ -53,7 +55,8 @@ def cli_train(argv: list[str]) -> int:
     d = TrainConfig()
     p = ArgumentParser(
         prog="python -m minihires train",
-        description="Train HiRes-LLaVA from scratch on EntityGrid-QA, then score the test split.")
+        description="Train HiRes-LLaVA on EntityGrid-QA (the ViT from the shipped pretrained "
+                    "encoder, the rest from scratch), then score the test split.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"(default {d.preset})")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None,
@@ -106,15 +109,17 @@ def cli_train(argv: list[str]) -> int:
                         "(nothing is cut); needs --no-sra")
     p.add_argument("--sra-layers", type=block_list, default=None, metavar="B1,B2,...",
                    help="ViT blocks (0-based) that a SliceRestore adapter follows "
-                        "(default: the preset's; tiny: 1)")
+                        "(default: the preset's; tiny: 0,1,2)")
     p.add_argument("--thumbnail-filter", choices=THUMBNAIL_FILTERS, default=None,
-                   help="how the image shrinks to the thumbnail (default: bicubic)")
+                   help="how the image shrinks to the thumbnail (default: the preset's; "
+                        "tiny: box)")
     p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
                    metavar="T1,T2,...", help=f"EntityGrid-QA tasks from {','.join(TASKS)} "
                    f"(default: {','.join(EntityGridConfig().tasks)})")
-    p.add_argument("--vit-init", metavar="FILE", default=None,
+    p.add_argument("--vit-init", metavar="FILE|none", default=None,
                    help="start the vision tower from these weights (`pretrain-vit --out`; "
-                        "adapters they lack start new)")
+                        "adapters they lack start new), or none: from scratch (default: the "
+                        "shipped encoder that fits the model, minihires/weights)")
     r = p.add_argument_group("the real model (recipes/README.md): LLaVA-format data, "
                              "initialisation, the two stages, FSDP2")
     r.add_argument("--data", metavar="FILE.json", default=None,
@@ -174,6 +179,7 @@ def cli_train(argv: list[str]) -> int:
             saved.setdefault("span_words", False)    # and ended every piece at a space
             # and from before the token shift, a plain LLaMA (the model section says which)
             saved.setdefault("token_shift", saved_model.llama.token_shift)
+            saved.setdefault("vit_init", None)       # and before --vit-init, from scratch
             saved.update({k: getattr(args, k) for k in ("device", "threads")
                           if getattr(args, k) is not None})
             reshape = {k: getattr(args, k) for k in _RESHAPE if getattr(args, k) is not None}
@@ -200,8 +206,10 @@ def cli_train(argv: list[str]) -> int:
         if args.fsdp and "WORLD_SIZE" not in os.environ:
             p.error("--fsdp shards the model over torchrun's processes: run under `torchrun "
                     "--nproc_per_node=N -m minihires train ...`, or drop --fsdp")
+        if given.get("vit_init") == "none":
+            given["vit_init"] = None                 # the ViT from scratch
         for k in _PATHS:                         # absolute: a resume may start elsewhere
-            if k in given:
+            if k in given and given[k] not in (None, BUNDLED):
                 given[k] = os.path.abspath(given[k])
         if "init_from_hf" in given:
             given["init_from_hf"] = [os.path.abspath(f) for f in given["init_from_hf"]]
@@ -214,6 +222,9 @@ def cli_train(argv: list[str]) -> int:
             raise UserError(f"--{name.replace('_', '-')}: {e}") from None
         raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
     if args.resume is None and tc.vit_init is not None:   # every rank, before any folder
+        with user_input("--vit-init: "):
+            tc = encoders.resolve(tc)            # the shipped file that fits, or None
+    if args.resume is None and tc.vit_init is not None:
         with user_input("--vit-init: "):
             tc = dataclasses.replace(tc, vit_init_sha256=file_sha256(tc.vit_init))
             check_vit_init(tc)
@@ -270,7 +281,7 @@ def cli_train(argv: list[str]) -> int:
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")
               + (f" thumbnail={model_cfg.thumbnail_filter}"
                  if model_cfg.thumbnail_filter != "bicubic" else "")
-              + (f"\n  tasks: {', '.join(tc.tasks)}" if tc.tasks else "")
+              + f"\n  tasks: {', '.join(tc.tasks or data_config(model_cfg).tasks)}"
               + (f"\n  vision tower from {tc.vit_init}" if tc.vit_init else "")
               + (f"\n  language stage: {tc.lm_steps} steps first" if tc.lm_steps else ""))
     try:

@@ -209,6 +209,15 @@ def board_halves(n: int, broken: bool, rng) -> tuple[tuple[int, ...], tuple[int,
     return tuple(near), tuple(1 - v for v in near) if broken else tuple(near)
 
 
+def boards_fit(slice_size: int, rows: int, cols: int, entity_px: int) -> bool:
+    """Whether continuity boards can be drawn on this canvas (`check_board_geometry`)."""
+    try:
+        check_board_geometry(slice_size, rows, cols, entity_px)
+    except ValueError:
+        return False
+    return True
+
+
 def check_board_geometry(slice_size: int, rows: int, cols: int, entity_px: int) -> None:
     """ValueError unless boards on this canvas keep their promises (each checked on pixels in
     tests/test_continuity.py): a 2 x 2 grid (the box thumbnail halves the canvas, turning every

@@ -28,8 +28,9 @@ Determinism: everything is drawn from `random.Random(seed)`, so a seed gives the
 pixels and question on any machine. Test seeds live in a reserved range that the training
 stream skips; a test seed also fixes its task and position (i % k, i // k % 9 for the k
 tasks of `cfg.tasks`), so any 9k consecutive test samples are balanced over tasks x
-positions. The default tasks are the first three; continuity is opted into with
-`EntityGridConfig(tasks=TASKS)` (or `entitygrid --tasks`) while its benchmark is built.
+positions. The default tasks are all four wherever continuity boards fit the canvas (the
+default 2 x 2 canvas; `boards_fit`), else the first three; `EntityGridConfig(tasks=...)` or
+`entitygrid --tasks` picks others.
 """
 from __future__ import annotations
 
@@ -42,11 +43,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity,
+from minihires.data.entities import (BOARD, CLASSES, COLOURS, POSITIONS, Entity, boards_fit,
                                      check_board_geometry, place, place_board, render)
 
 TASKS = ("recognition", "position", "counting", "continuity")
-DEFAULT_TASKS = TASKS[:3]    # continuity is opt-in while its seam benchmark is being built
 POSITION_NAMES = tuple(POSITIONS)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RECOGNITION_Q = "What is at the {position}?"          # -> "{colour} {cls}"
@@ -70,7 +70,9 @@ class EntityGridConfig:
     max_entities: int = 2         # recognition and position images hold 1..max_entities
     max_count: int = 3            # counting images hold 1..max_count entities
     background: tuple[int, int, int] = (0, 0, 0)
-    tasks: tuple[str, ...] = DEFAULT_TASKS   # what training draws and the test split cycles
+    tasks: tuple[str, ...] | None = None   # what training draws and the test split cycles;
+                                           # None: all four where boards fit the canvas
+                                           # (`boards_fit`), else the first three
 
     @property
     def width(self) -> int:
@@ -109,6 +111,9 @@ class EntityGridConfig:
             raise ValueError(f"background must be three ints in 0..255, got {bg!r}")
         object.__setattr__(self, "background", tuple(bg))   # a list from JSON becomes a tuple
         tasks = self.tasks
+        if tasks is None:
+            tasks = TASKS if boards_fit(self.slice_size, self.rows, self.cols,
+                                        self.entity_px) else TASKS[:3]
         if (isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks
                 or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks)):
             raise ValueError(f"tasks must be distinct names from {TASKS}, got {tasks!r}")

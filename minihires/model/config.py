@@ -283,7 +283,7 @@ def tiny() -> ModelConfig:
     return _checked(ModelConfig(
         vit=ViTConfig(image_size=32, patch_size=4, hidden_size=64, intermediate_size=256,
                       num_hidden_layers=3, num_attention_heads=4, feature_layer=-1,
-                      sra_layers=(1,)),
+                      sra_layers=(0, 1, 2)),
         sra=SRAConfig(downsample=2, num_heads=4),
         sms=SMSConfig(window=2, num_heads=4, mlp_ratio=2.0),
         llama=LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=320,
@@ -292,6 +292,7 @@ def tiny() -> ModelConfig:
                           tie_word_embeddings=True, token_shift=3),
         max_slices=4,
         crop_embedding=True,
+        thumbnail_filter="box",
     ))
 
 

@@ -13,9 +13,11 @@
                               (nothing is cut), then the same pieces, sampler and LLM: the
                               upper bound SRA aims at, at the price of ViT attention FLOPs
 
-Every variant trains from scratch with the same steps, batch size, learning rate and seeds
+Every variant trains with the same steps, batch size, learning rate and seeds
 (`minihires.training.train`), on the same data stream, and is scored on the same test
-split. With several seeds the table shows means (and the spread as min-max). Choices that
+split; its ViT starts from the shipped encoder pretrained for its kind of view of the canvas
+(`minihires.training.encoders`: no adapters, SliceRestore, or the whole canvas), or from
+scratch with `ablate --vit-init none`. With several seeds the table shows means (and the spread as min-max). Choices that
 are ours: the variant list (not the paper's tables); variant 1 keeps all thumbnail tokens;
 variant 5's half-slice stride; variant 6.
 """

@@ -25,7 +25,8 @@ generator, in the linear head's random start.
 Choices that are ours, not the paper's: the two stages and the linear heads; AdamW at lr 1e-3;
 64 slices or 32 canvases a step; 512 held-out samples from seed + 99. The ViT is built as the
 tiny preset builds it (so a seed gives the preset's initial weights); in the slices stage its
-adapter has nothing to do (one slice has no neighbours) and stays out of the saved file.
+adapters have nothing to do (one slice has no neighbours) and stay out of the saved file.
+Three files made this way ship with the package (`minihires.training.encoders`).
 """
 from __future__ import annotations
 

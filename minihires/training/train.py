@@ -1,8 +1,9 @@
-"""`python -m minihires train`: HiRes-LLaVA from scratch on EntityGrid-QA, then the test table.
+"""`python -m minihires train`: HiRes-LLaVA on EntityGrid-QA, then the test table.
 
     tokenizer  <- trained in-process on every question and answer text (entitygrid.question_texts)
-    model      <- preset (default tiny) + ablation switches, random init from --seed; with
-                  vit_init the vision tower then starts from `pretrain-vit` weights; with
+    model      <- preset (default tiny) + ablation switches, random init from --seed; the
+                  vision tower then starts from pretrained weights (vit_init: by default the
+                  shipped encoder that fits the model, `minihires.training.encoders`); with
                   lm_steps the LLM first learns the lookup on scenes in words (pretrain_lm)
     for step in 0..steps-1:
         batch  <- step-indexed slice of the on-the-fly stream (data.train_samples), each image
@@ -14,9 +15,9 @@
                   utilisation, printed with samples/s and kept in metrics.json
     metrics    <- greedy KV-cache answers on the fixed test split (scoring.evaluate)
 
-The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA); nothing is
-pretrained unless vit_init names an encoder (`minihires.training.pretrain_vit`) or lm_steps
-asks for the language stage (`minihires.training.pretrain_lm`, counted as training time).
+The whole model trains (ViT, SliceRestore, sampler, projector, LLaMA). Only the ViT and its
+adapters start pretrained, as LLaVA's CLIP does (vit_init None: from scratch too); lm_steps
+adds a language stage (`minihires.training.pretrain_lm`, counted as training time).
 Budgets are counted in steps, not seconds, so a result does not depend on how busy the
 machine is. Under `torchrun` the same code runs DistributedDataParallel (gloo on CPU, nccl
 on GPU); each rank draws its own seeds and only rank 0 writes. The process group's life
@@ -68,7 +69,9 @@ from minihires.model.config import COMPRESSIONS, PRESETS, ModelConfig, preset
 from minihires.model.tokenizer import Tokenizer
 from minihires.training import checkpoint as ckpt
 from minihires.training import distributed
+from minihires.training import encoders
 from minihires.training import evaluate as scoring
+from minihires.training.encoders import BUNDLED
 from minihires.training.pretrain_lm import first_step, lookup_accuracy, pretrain_lm
 from minihires.training.pretrain_vit import load_vit
 from minihires.training.progress import bar as progress_bar
@@ -80,7 +83,7 @@ MAX_THREADS = 1024                  # torch.set_num_threads crashes the process 
 class TrainConfig:
     """Everything a run depends on besides the model preset (saved in config.json)."""
     preset: str = "tiny"
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 32           # images per step per rank
     turns: int = 5                 # questions per training image (data.conversation)
     chat_turns: bool = False       # True: the turns as one conversation, each sees the
@@ -98,7 +101,7 @@ class TrainConfig:
     span_words: bool = True        # tokenizer pieces may cross spaces: every answer one piece
     train_max_entities: int = 2    # training recognition/position images hold 1..this many
                                    # entities (the test split: 1..2, EntityGridConfig)
-    eval_n: int = 540              # test samples; 0 skips the evaluation
+    eval_n: int = 720              # test samples; 0 skips the evaluation
     eval_batch_size: int = 180
     ckpt_every: int = 200          # steps between resume checkpoints
     threads: int | None = None     # CPU threads; None keeps torch's (a thread per core,
@@ -114,8 +117,10 @@ class TrainConfig:
     sra_layers: list[int] | None = None   # ViT blocks SliceRestore follows (vit.sra_layers)
     thumbnail_filter: str | None = None   # "bicubic" or "box" (ModelConfig)
     token_shift: int | None = None        # the LLM's token shift, 0 = off (llama.token_shift)
-    tasks: list[str] | None = None        # EntityGrid-QA tasks; None: the default three
-    vit_init: str | None = None           # ViT weights (`pretrain-vit --out`) to start from
+    tasks: list[str] | None = None        # EntityGrid-QA tasks; None: all four
+    vit_init: str | None = BUNDLED        # the ViT's start: BUNDLED (the shipped encoder that
+                                          # fits the model, `encoders`), a `pretrain-vit --out`
+                                          # file, or None (from scratch)
     vit_init_sha256: str | None = None    # that file's SHA-256, recorded when the run starts
     lm_steps: int = 0                     # language-stage steps before the main job (pretrain_lm)
     # the real-model path (`minihires.training.recipe`): LLaVA-format data instead of the
@@ -191,10 +196,10 @@ class TrainConfig:
             raise ValueError(f"lm_steps teaches position questions, but the run's tasks "
                              f"{self.tasks} ask none")
         need(lambda v: v is None or isinstance(v, str) and v, "vit_init", "a path or None")
-        need(lambda v: v is None or (self.vit_init is not None and isinstance(v, str)
+        need(lambda v: v is None or (self.vit_init not in (None, BUNDLED) and isinstance(v, str)
                                      and re.fullmatch(r"[0-9a-f]{64}", v)),
              "vit_init_sha256", "None or, with vit_init, 64 hex digits")
-        if self.vit_init is not None and self.data is not None:
+        if self.vit_init not in (None, BUNDLED) and self.data is not None:
             raise ValueError("vit_init starts the built-in stream's model from `pretrain-vit` "
                              "weights; a --data run initialises with --init-from-hf/-llava/-run")
         self._validate_data(need, is_int, is_num)
@@ -435,6 +440,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
     loss or gradient is not finite (the last checkpoint is kept).
     """
     tc.validate()
+    tc = encoders.resolve(tc)                   # BUNDLED -> the shipped file's path, or None
     out = Path(out)
     if tc.data is not None:                     # the real-model path
         from minihires.training import recipe
