@@ -120,7 +120,7 @@ def test_a_train_run_folder_counts_as_its_variant(tmp_path):
     assert finished_run(variant_config(base, "sms"), tmp_path / "run")["steps"] == 2
     with pytest.raises(ValueError, match="steps differs"):
         finished_run(variant_config(dataclasses.replace(base, steps=3), "sms"), tmp_path / "run")
-    with pytest.raises(ValueError, match="model differs"):
+    with pytest.raises(ValueError, match="vit_init_sha256, model differ"):   # and its encoder
         finished_run(variant_config(base, "sms+sra"), tmp_path / "run")
 
 

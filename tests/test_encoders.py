@@ -4,11 +4,15 @@ its model, or none where no shipped file applies, and says so when none fits."""
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minihires.cli.train import cli_train
+from minihires.data.entitygrid import TASKS
+from minihires.training import checkpoint as ckpt
 from minihires.model.vit import VisionTransformer
 from minihires.training import encoders as E
 from minihires.training.ablate import VARIANTS, variant_config
@@ -42,8 +46,8 @@ def test_each_variant_gets_the_file_of_its_kind_and_it_fits(key, kind):
 
 
 def test_the_files_hold_trained_weights_not_a_fresh_init():
-    """A fresh tiny ViT at seed 0 differs from every file, and the three files share the
-    slices stage they started from, so they are close to each other, not equal."""
+    """A fresh tiny ViT at seed 0 differs from every file, every weight is finite, and the
+    canvas stages made different files from their shared start."""
     torch.manual_seed(0)
     cfg = TrainConfig().model_config()
     fresh = VisionTransformer(cfg.vit, cfg.sra).state_dict()
@@ -57,10 +61,12 @@ def test_the_files_hold_trained_weights_not_a_fresh_init():
 
 def test_the_main_job_starts_from_the_sra_file_and_others_from_what_they_name():
     assert TrainConfig().vit_init == E.BUNDLED
-    assert E.resolve(TrainConfig()).vit_init == str(E.WEIGHTS / "tiny-vit-sra.pt")
+    main = E.resolve(TrainConfig())
+    assert main.vit_init == str(E.WEIGHTS / "tiny-vit-sra.pt")
+    assert main.vit_init_sha256 == file_sha256(main.vit_init)               # checked on load
     assert E.resolve(TrainConfig(vit_init=None)).vit_init is None           # from scratch
     assert E.resolve(TrainConfig(vit_init="my.pt")).vit_init == "my.pt"
-    for other in (dict(preset="paper"), dict(init_from_run="RUN"),
+    for other in (dict(preset="paper"), dict(init_from_run="RUN"), dict(data="rows.json"),
                   dict(init_from_llava="DIR"), dict(init_from_hf=["A", "B"])):
         tc = dataclasses.replace(TrainConfig(), **other)
         assert not E.applies(tc) and E.resolve(tc).vit_init is None
@@ -92,3 +98,24 @@ def test_train_records_the_file_and_vit_init_none_trains_from_scratch(tmp_path, 
         cli_train([*common, "--sra-layers", "1", "--out", str(tmp_path / "c")])
     assert e.value.code == 2 and "--vit-init none" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_run_folder_from_before_the_defaults_changed_resumes_as_it_was(tmp_path):
+    """Folders saved before 2026-12-08 hold null for sra_layers, thumbnail_filter and tasks
+    (then: block 1, bicubic, three tasks) and no vit_init. Stopped before its first
+    checkpoint, such a run starts again: it must train the model and tasks it was made with
+    (its config.json and tokenizer say which), and end as the uninterrupted run."""
+    old = ["--steps", "2", "--batch-size", "2", "--eval-n", "0", "--quiet", "--sra-layers", "1",
+           "--thumbnail-filter", "bicubic", "--tasks", ",".join(TASKS[:3]), "--vit-init", "none"]
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    assert cli_train([*old, "--out", str(straight)]) == 0
+    half.mkdir()
+    cfg = json.loads((straight / ckpt.CONFIG).read_text())
+    cfg["train"].update(sra_layers=None, thumbnail_filter=None, tasks=None)
+    for k in ("vit_init", "vit_init_sha256"):
+        del cfg["train"][k]
+    (half / ckpt.CONFIG).write_text(json.dumps(cfg))
+    shutil.copy(straight / ckpt.TOKENIZER, half / ckpt.TOKENIZER)
+    assert cli_train(["--resume", str(half), "--quiet"]) == 0
+    a, b = (load_file(d / ckpt.WEIGHTS) for d in (straight, half))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -183,7 +183,7 @@ def test_a_crash_after_the_stage_resumes_without_repeating_it(tmp_path, monkeypa
 
 def test_the_stage_draws_seeds_after_the_main_job():
     """Whatever the main job's batch and world size, the stage's first seed lies past the last
-    one the main job draws, and at the default it is step 1200 of 64 scenes."""
+    one the main job draws, and at 1200 steps it is step 1200 of 64 scenes."""
     assert P.first_step(1200, 32) == 1200
     for steps, batch, world in ((1200, 32, 1), (10, 128, 1), (7, 32, 3), (5, 65, 2)):
         main_end = batches.batch_start(0, steps, batch, world)          # first seed not drawn

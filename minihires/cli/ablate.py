@@ -33,8 +33,8 @@ def cli_ablate(argv: list[str]) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants (default all, in table order)")
     p.add_argument("--tasks", type=lambda v: [t.strip() for t in v.split(",")], default=None,
-                   metavar="T1,T2,...", help="EntityGrid-QA tasks (default: train's); add "
-                   "continuity for the seam benchmark")
+                   metavar="T1,T2,...", help="EntityGrid-QA tasks (default: train's, all "
+                   "four with the box thumbnail)")
     p.add_argument("--thumbnail-filter", choices=("bicubic", "box"), default=None,
                    help="thumbnail resampling for every variant (default: the preset's; tiny: box)")
     p.add_argument("--token-shift", type=int, default=None, metavar="N",

@@ -3,10 +3,10 @@
     python -m minihires pretrain-vit --stage slices --out vit-slices.pt
     python -m minihires pretrain-vit --stage canvas --init vit-slices.pt --sra-layers 0,1,2 \\
         --out vit-sra.pt
-    python -m minihires train --tasks recognition,position,counting,continuity \\
-        --thumbnail-filter box --sra-layers 0,1,2 --vit-init vit-sra.pt
+    python -m minihires train --vit-init vit-sra.pt
 
-(`minihires.training.pretrain_vit` explains the two stages.)
+(`minihires.training.pretrain_vit` explains the two stages; the shipped files in
+minihires/weights/ were made this way, their README gives the commands.)
 """
 from __future__ import annotations
 

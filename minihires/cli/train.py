@@ -174,12 +174,18 @@ def cli_train(argv: list[str]) -> int:
             p.error(f"--resume continues the run's saved configuration; drop {', '.join(given) or '--out'}")
         with user_input("--resume: "):
             out = ckpt.check_run_dir(args.resume, ckpt.CONFIG)
-            saved_model, saved, _ = ckpt.load_config(out)
+            saved_model, saved, saved_data = ckpt.load_config(out)
             saved.setdefault("chat_turns", True)     # run folders from before packing chatted
             saved.setdefault("span_words", False)    # and ended every piece at a space
             # and from before the token shift, a plain LLaMA (the model section says which)
             saved.setdefault("token_shift", saved_model.llama.token_shift)
             saved.setdefault("vit_init", None)       # and before --vit-init, from scratch
+            if saved.get("data") is None:            # None meant the defaults of its day: the
+                for k, v in (("sra_layers", list(saved_model.vit.sra_layers)),   # model and
+                             ("thumbnail_filter", saved_model.thumbnail_filter),  # data it
+                             ("tasks", list(saved_data.tasks))):                 # built say
+                    if saved.get(k) is None:
+                        saved[k] = v
             saved.update({k: getattr(args, k) for k in ("device", "threads")
                           if getattr(args, k) is not None})
             reshape = {k: getattr(args, k) for k in _RESHAPE if getattr(args, k) is not None}
@@ -222,7 +228,7 @@ def cli_train(argv: list[str]) -> int:
             raise UserError(f"--{name.replace('_', '-')}: {e}") from None
         raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
     if args.resume is None and tc.vit_init is not None:   # every rank, before any folder
-        with user_input("--vit-init: "):
+        with user_input("--vit-init: " if args.vit_init is not None else ""):
             tc = encoders.resolve(tc)            # the shipped file that fits, or None
     if args.resume is None and tc.vit_init is not None:
         with user_input("--vit-init: "):

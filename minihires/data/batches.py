@@ -36,8 +36,13 @@ MAX_RUN_SEED = entitygrid.TEST_SEED_BASE // SEED_STRIDE - 1   # keeps every stre
 def data_config(model_cfg: ModelConfig, **overrides) -> entitygrid.EntityGridConfig:
     """The EntityGrid-QA canvas for a model: slices of the ViT's image_size, 2 x 2 of them.
 
-    overrides: other EntityGridConfig fields (entity_size, jitter, ...).
+    overrides: other EntityGridConfig fields (entity_size, jitter, tasks, ...). Without
+    `tasks`, a model whose thumbnail is not the box average gets the three pattern tasks only:
+    a bicubic thumbnail shows a board's break, so continuity would not measure fragmentation
+    there (`minihires.data.entities`).
     """
+    if overrides.get("tasks") is None and model_cfg.thumbnail_filter != "box":
+        overrides["tasks"] = entitygrid.TASKS[:3]
     return entitygrid.EntityGridConfig(slice_size=model_cfg.vit.image_size, **overrides)
 
 

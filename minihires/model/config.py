@@ -5,7 +5,7 @@ knob (`hidden_size`, `num_hidden_layers`, ...), so `minihires.model.hf` can fill
 `config.json` without a translation table.
 
 Presets:
-    tiny   small enough to train from scratch on a 2-core CPU in minutes.
+    tiny   small enough to train on a 2-core CPU in minutes (its ViT from a shipped encoder).
     paper  CLIP ViT-L/14 at 336 px + a 7B LLaMA/Vicuna (shapes only; build it on the
            meta device to count parameters).
 
@@ -279,7 +279,8 @@ class ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """Small enough to train from scratch on a 2-core CPU within the main job's budget."""
+    """Small enough to train on a 2-core CPU within the main job's budget; SliceRestore after
+    every ViT block and the box thumbnail, which the continuity task needs."""
     return _checked(ModelConfig(
         vit=ViTConfig(image_size=32, patch_size=4, hidden_size=64, intermediate_size=256,
                       num_hidden_layers=3, num_attention_heads=4, feature_layer=-1,

@@ -32,6 +32,7 @@ from minihires.analysis import budget
 from minihires.data.batches import data_config
 from minihires.training import checkpoint as ckpt
 from minihires.training import train as T
+from minihires.training.encoders import resolve
 
 OVERLAP = 0.5
 VARIANTS = {
@@ -69,14 +70,20 @@ def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
     reuses it), None if it has no metrics yet (it is resumed or started); ValueError naming
     the fields when the folder holds another run."""
     run_dir = Path(run_dir)
-    model_cfg, saved, _ = ckpt.load_config(run_dir)
+    tc = resolve(tc)                                          # "bundled": that file's SHA-256
+    model_cfg, saved, saved_data = ckpt.load_config(run_dir)
     want, default = dataclasses.asdict(tc), dataclasses.asdict(T.TrainConfig())
-    differ = sorted(k for k in want if k not in SWITCHES + MACHINE
+    differ = sorted(k for k in want if k not in SWITCHES + MACHINE + ("tasks",)
                     and saved.get(k, default[k]) != want[k])   # missing: saved before the field
     built = tc.model_config()
     built.image_token_index = model_cfg.image_token_index     # set from the run's tokenizer
+    if not built.sra_runs:                                    # unused: any preset's will do
+        built.vit = dataclasses.replace(built.vit, sra_layers=model_cfg.vit.sra_layers)
     if built != model_cfg:
         differ.append("model")
+    tasks = data_config(built, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)})).tasks
+    if saved_data.tasks != tasks:                             # compared as the runs drew them
+        differ.append("tasks")
     if differ:
         raise ValueError(f"{run_dir} is another run than this ablation's: "
                          f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}")
@@ -117,7 +124,9 @@ def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig,
     keys = [k for k, _ in COLUMNS + CONTINUITY_COLUMNS] + ["continuity", "visual_tokens",
                                                            "train_time_s", "steps", "eval_n"]
     encoders = encoders or {}
-    return {"seeds": seeds, "tasks": tc.tasks, "thumbnail_filter": tc.thumbnail_filter,
+    model_cfg = tc.model_config()                 # the values the runs used, not None
+    tasks = data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
+    return {"seeds": seeds, "tasks": list(tasks.tasks), "thumbnail_filter": model_cfg.thumbnail_filter,
             "token_shift": tc.model_config().llama.token_shift,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
                                "vit_init": encoder_id(encoders.get(key)),
@@ -157,8 +166,8 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
                  f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
-                 f"{'; tasks ' + ', '.join(tc.tasks) if tc.tasks else ''}"
-                 f"{'; thumbnail ' + tc.thumbnail_filter if tc.thumbnail_filter else ''}"
+                 f"; tasks {', '.join(summary({}, seeds, tc)['tasks'])}"
+                 f"; thumbnail {tc.model_config().thumbnail_filter}"
                  f"; LLM token shift {tc.model_config().llama.token_shift}"
                  f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")

@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from minihires.data.entitygrid import EntityGridConfig
+from minihires.data.entitygrid import TASKS, EntityGridConfig
 from minihires.model import HiResLLaVA
 from minihires.model.config import ModelConfig
 from minihires.model.tokenizer import Tokenizer
@@ -242,7 +242,7 @@ def load_config(run_dir) -> tuple[ModelConfig, dict, EntityGridConfig]:
             raise ValueError("expected an object with model, train and data objects")
         model_cfg = ModelConfig.from_dict(d["model"])
         _check_fields(model_cfg, "model")
-        data_cfg = EntityGridConfig(**d["data"])
+        data_cfg = EntityGridConfig(**{"tasks": TASKS[:3], **d["data"]})   # older: three
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, ValueError) as e:
         what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise ValueError(f"{path} is not a valid run config: {what}") from None

@@ -23,6 +23,7 @@ import dataclasses
 from pathlib import Path
 
 from minihires.model.config import ModelConfig
+from minihires.training.pretrain_vit import file_sha256
 
 BUNDLED = "bundled"                 # TrainConfig.vit_init: the shipped file for the model
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -65,8 +66,11 @@ def path_for(model_cfg: ModelConfig) -> str:
 
 
 def resolve(tc):
-    """`tc` with vit_init BUNDLED replaced by the shipped file's path (or by None where no
-    bundled file applies); other values unchanged. ValueError as `kind`."""
+    """`tc` with vit_init BUNDLED replaced by the shipped file's path and its SHA-256 (or by
+    None where no bundled file applies); other values unchanged. ValueError as `kind`."""
     if tc.vit_init != BUNDLED:
         return tc
-    return dataclasses.replace(tc, vit_init=path_for(tc.model_config()) if applies(tc) else None)
+    if not applies(tc):
+        return dataclasses.replace(tc, vit_init=None, vit_init_sha256=None)
+    path = path_for(tc.model_config())
+    return dataclasses.replace(tc, vit_init=path, vit_init_sha256=file_sha256(path))

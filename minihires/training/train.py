@@ -243,7 +243,7 @@ class TrainConfig:
                       if getattr(self, n) != d]
             if given:
                 raise ValueError(f"{given[0]} needs data (a LLaVA-format file); the built-in "
-                                 "EntityGrid-QA stream trains the tiny model from scratch "
+                                 "EntityGrid-QA stream trains the tiny model "
                                  "(export it with `entitygrid --format llava`)")
             return
         if not Path(self.data).is_file():
@@ -405,6 +405,8 @@ def load_resume(run_dir, tc: TrainConfig, stop_at: int | None = None
     model_cfg = tc.model_config()
     model_cfg.image_token_index = tokenizer.image_id
     saved_model_cfg = ckpt.load_config(run_dir)[0]
+    if not model_cfg.sra_runs:                  # unused adapter places: any preset's will do
+        model_cfg.vit = dataclasses.replace(model_cfg.vit, sra_layers=saved_model_cfg.vit.sra_layers)
     if saved_model_cfg != model_cfg:
         raise ValueError(f"{run_dir / ckpt.CONFIG}: its model section is not the model its "
                          "train section (and tokenizer.model) build; was it edited?")
