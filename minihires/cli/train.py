@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from minihires.cli.errors import ArgumentParser, UserError, command, user_input
-from minihires.data.batches import data_config
 from minihires.data.entitygrid import TASKS, EntityGridConfig
 from minihires.data.llava import BadData
 from minihires.model.config import COMPRESSIONS, PRESETS, THUMBNAIL_FILTERS
@@ -19,7 +18,8 @@ from minihires.training.encoders import BUNDLED
 from minihires.training.evaluate import results_table
 from minihires.training.fsdp import read_progress
 from minihires.training.pretrain_vit import BadWeights, file_sha256
-from minihires.training.train import Diverged, TrainConfig, check_vit_init, load_resume, train
+from minihires.training.train import (Diverged, TrainConfig, check_vit_init, load_resume,
+                                      run_data_config, train)
 
 _CONFIG_FLAGS = ("preset", "steps", "batch_size", "turns", "chat_turns", "lr", "vision_lr_scale",
                  "freeze_vision_at", "lm_steps",
@@ -287,7 +287,7 @@ def cli_train(argv: list[str]) -> int:
               + (" whole_canvas=True" if model_cfg.whole_canvas else "")
               + (f" thumbnail={model_cfg.thumbnail_filter}"
                  if model_cfg.thumbnail_filter != "bicubic" else "")
-              + f"\n  tasks: {', '.join(tc.tasks or data_config(model_cfg).tasks)}"
+              + f"\n  tasks: {', '.join(run_data_config(tc, model_cfg).tasks)}"
               + (f"\n  vision tower from {tc.vit_init}" if tc.vit_init else "")
               + (f"\n  language stage: {tc.lm_steps} steps first" if tc.lm_steps else ""))
     try:

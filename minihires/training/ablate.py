@@ -81,7 +81,7 @@ def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
         built.vit = dataclasses.replace(built.vit, sra_layers=model_cfg.vit.sra_layers)
     if built != model_cfg:
         differ.append("model")
-    tasks = data_config(built, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)})).tasks
+    tasks = T.run_data_config(tc, built).tasks
     if saved_data.tasks != tasks:                             # compared as the runs drew them
         differ.append("tasks")
     if differ:
@@ -125,8 +125,8 @@ def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig,
                                                            "train_time_s", "steps", "eval_n"]
     encoders = encoders or {}
     model_cfg = tc.model_config()                 # the values the runs used, not None
-    tasks = data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
-    return {"seeds": seeds, "tasks": list(tasks.tasks), "thumbnail_filter": model_cfg.thumbnail_filter,
+    tasks = T.run_data_config(tc, model_cfg).tasks
+    return {"seeds": seeds, "tasks": list(tasks), "thumbnail_filter": model_cfg.thumbnail_filter,
             "token_shift": tc.model_config().llama.token_shift,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
                                "vit_init": encoder_id(encoders.get(key)),
@@ -166,7 +166,7 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
                  f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
-                 f"; tasks {', '.join(summary({}, seeds, tc)['tasks'])}"
+                 f"; tasks {', '.join(T.run_data_config(tc, tc.model_config()).tasks)}"
                  f"; thumbnail {tc.model_config().thumbnail_filter}"
                  f"; LLM token shift {tc.model_config().llama.token_shift}"
                  f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"

@@ -307,12 +307,17 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def run_data_config(tc: TrainConfig, model_cfg: ModelConfig) -> EntityGridConfig:
+    """The EntityGrid-QA config a run of `tc` draws from: its tasks, or the model's default."""
+    return data.data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
+
+
 def build(tc: TrainConfig, tokenizer: Tokenizer | None = None
           ) -> tuple[ModelConfig, EntityGridConfig, Tokenizer]:
     """Model config (paired with the tokenizer), data config and the tokenizer: trained
     (deterministic), or the given one (a resumed run's own)."""
     model_cfg = tc.model_config()
-    data_cfg = data.data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
+    data_cfg = run_data_config(tc, model_cfg)
     if tokenizer is None:
         tokenizer = Tokenizer.train(question_texts(data_cfg), tc.vocab_size,
                                     span_words=tc.span_words)
