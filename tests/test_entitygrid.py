@@ -87,6 +87,29 @@ def test_pixels_match_recorded_hash():
 GOLDEN = "38a5dcef102ace8ccd6d4495386e2702907cceaa27f4be3f4ac72258dedc6729"
 
 
+def test_main_job_pixels_match_recorded_hash():
+    """The main job's four tasks, boards included, draw these exact pixels, questions and
+    answers from the first test seeds, on any machine (the test split's seeds never depend
+    on a model). Update GOLDEN_MAIN_JOB only when a change to the data is meant."""
+    from minihires.training.train import TrainConfig, run_data_config
+    tc = TrainConfig()
+    cfg = run_data_config(tc, tc.model_config())
+    assert cfg.tasks == ("recognition", "position", "counting", "continuity")
+    seeds = [*range(30), *eg.test_seeds(40)]
+    samples = [sample(seed, cfg) for seed in seeds]
+    boards = [s for s in samples if s.task == "continuity"]
+    assert {s.answer for s in boards} == {"yes", "no"}
+    assert {s.on_seam for s in boards} == {True, False}
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(pixels_sha(s).encode())
+    assert h.hexdigest() == GOLDEN_MAIN_JOB
+
+
+# recorded with Pillow 13, Python 3.11
+GOLDEN_MAIN_JOB = "8cb5781768c6cc35db507c742196116297986904d89377a3fc0dcf789a703f93"
+
+
 def test_rng_state_is_local():
     import random
     random.seed(1)

@@ -205,6 +205,19 @@ def test_ablate_gives_each_variant_its_encoder_and_names_it(encoders, tmp_path, 
     assert e.value.code == 2 and "vit_init_sha256 differs" in capsys.readouterr().err
 
 
+def test_sra_vit_init_none_trains_the_sra_variants_from_scratch(encoders, tmp_path):
+    runs = tmp_path / "abl"
+    assert cli_ablate(["--steps", "1", "--batch-size", "2", "--eval-n", "4", "--quiet",
+                       "--variants", "sms", "sms+sra", "--vit-init", str(encoders / "plain.pt"),
+                       "--sra-vit-init", "none", "--runs", str(runs)]) == 0
+    train = {key: json.loads((runs / f"{key}-seed0" / "config.json").read_text())["train"]
+             for key in ("sms", "sms+sra")}
+    assert train["sms"]["vit_init"] == str(encoders / "plain.pt")
+    assert train["sms+sra"]["vit_init"] is None and train["sms+sra"]["vit_init_sha256"] is None
+    figures = json.loads((runs / "ablation.json").read_text())["variants"]
+    assert figures["sms+sra"]["vit_init"] is None
+
+
 def test_a_file_changed_during_an_ablation_ends_in_one_error_line(encoders, tmp_path,
                                                                   monkeypatch, capsys):
     from minihires.training import train as T

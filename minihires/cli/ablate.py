@@ -47,9 +47,9 @@ def cli_ablate(argv: list[str]) -> int:
                    help="start every variant's vision tower from these weights (`pretrain-vit "
                         "--out`), or none: from scratch (default: each variant from the "
                         "shipped encoder of its kind, minihires/weights)")
-    p.add_argument("--sra-vit-init", metavar="FILE", default=None,
+    p.add_argument("--sra-vit-init", metavar="FILE|none", default=None,
                    help="the variants with SliceRestore start from these instead (a file "
-                        "pretrained with their adapters)")
+                        "pretrained with their adapters), or none: from scratch")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per run (default: torch's, one per core)")
@@ -82,8 +82,10 @@ def cli_ablate(argv: list[str]) -> int:
         p.error("--vit-init is for the variants without SliceRestore, and none is chosen")
     vit_init = BUNDLED if args.vit_init is None else None if args.vit_init == "none" \
         else args.vit_init
+    sra_vit_init = vit_init if args.sra_vit_init is None else None \
+        if args.sra_vit_init == "none" else args.sra_vit_init
     sha = {}                               # file -> SHA-256, read once, before any training
-    for flag, path in (("--vit-init", vit_init), ("--sra-vit-init", args.sra_vit_init)):
+    for flag, path in (("--vit-init", vit_init), ("--sra-vit-init", sra_vit_init)):
         if path not in (None, BUNDLED):
             with user_input(f"{flag}: "):          # missing or unreadable: one line
                 read_weights(path)
@@ -91,7 +93,7 @@ def cli_ablate(argv: list[str]) -> int:
 
     def encoder(key: str) -> tuple[str, str] | None:
         """(absolute path, SHA-256) of the weights variant `key` starts from, or None."""
-        path = args.sra_vit_init or vit_init if key in sra else vit_init
+        path = sra_vit_init if key in sra else vit_init
         if path == BUNDLED:                # the shipped file of the variant's kind, if any
             path = resolve(variant_config(base, key)).vit_init
             if path is not None and path not in sha:
