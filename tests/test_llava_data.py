@@ -274,7 +274,8 @@ def test_cli_flags_that_a_data_run_would_ignore(tmp_path, capsys, monkeypatch, f
 @pytest.mark.parametrize("flags, message", [
     (["--image-folder", "."], "--image-folder applies to --data only"),
     (["--max-new-tokens", "4"], "--max-new-tokens applies to --data only"),
-    (["--data", "q.json", "--by-entities"], "--by-entities and --attention apply to"),
+    (["--data", "q.json", "--by-entities"], "--by-entities, --by-answer and --attention apply to"),
+    (["--data", "q.json", "--by-answer"], "--by-entities, --by-answer and --attention apply to"),
 ])
 def test_eval_flags_of_the_other_mode_are_errors(tmp_path, capsys, flags, message):
     from minihires.cli.eval import cli_eval

@@ -87,6 +87,14 @@ def test_eval_reproduces_metrics(run, capsys):
         right = sum(round(a * n / 100) for a, n in cells)
         assert sum(n for _, n in cells) == saved["counts"][task]
         assert right == saved["correct"][task], task
+    # --by-answer: per true answer and seam side, the counting rows add up to the task's score
+    assert cli_eval([str(run), "--by-answer"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("accuracy by true answer"):].splitlines()
+    cells = [(float(a), int(n)) for l in table if l.split() and l.split()[0] == "counting"
+             for a, n in re.findall(r"([\d.]+) \(\s*(\d+)\)", l)]
+    assert cells and sum(n for _, n in cells) == saved["counts"]["counting"]
+    assert sum(round(a * n / 100) for a, n in cells) == saved["correct"]["counting"]
     # --attention: one table per question kind, a row per layer and head (minihires.probe)
     assert cli_eval([str(run), "--attention", "--n", "36"]) == 0    # both kinds with two entities
     out = capsys.readouterr().out
@@ -110,6 +118,23 @@ def test_by_entities_counts_per_task_and_entity_number():
     assert "1 entity" in scoring.by_entities_table(table)
     with pytest.raises(ValueError, match="differ in length"):
         scoring.by_entities(answers[:-1], samples)
+
+
+def test_by_answer_counts_per_true_answer_and_seam_side():
+    samples = entitygrid.test_split(60)
+    answers = [s.answer if i % 3 else "wrong" for i, s in enumerate(samples)]
+    tally = scoring.Tally()
+    tally.add(answers, samples)
+    table = tally.by_answer()
+    for task in entitygrid.TASKS:
+        mine = [(i, s) for i, s in enumerate(samples) if s.task == task]
+        assert sum(t for _, t in table[task].values()) == len(mine)
+        for (answer, on), (right, total) in table[task].items():
+            group = [i for i, s in mine if s.answer == answer and s.on_seam == on]
+            assert total == len(group) and right == sum(i % 3 > 0 for i in group)
+    text = scoring.by_answer_table(table)
+    assert {"counting", "continuity"} <= {l.split()[0] for l in text.splitlines()[2:]}
+    assert "recognition" not in text                # many answers: not in the table
 
 
 def test_resume_equals_uninterrupted(tmp_path, caplog):

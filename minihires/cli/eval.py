@@ -44,6 +44,9 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--by-entities", action="store_true",
                    help="also print accuracy per task and number of entities in the image")
+    p.add_argument("--by-answer", action="store_true",
+                   help="also print accuracy per true answer and seam side, for the tasks "
+                        "with a few fixed answers (counting, continuity)")
     p.add_argument("--attention", action="store_true",
                    help="also print, per LLM layer and head, the attention from the answer "
                         "position to the asked entity and to the other one (two-entity "
@@ -59,9 +62,9 @@ def cli_eval(argv: list[str]) -> int:
         p.error(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
     check_device(args.device)
     if args.data is not None:
-        if args.by_entities or args.attention:
-            p.error("--by-entities and --attention apply to the EntityGrid-QA test split, "
-                    "not --data")
+        if args.by_entities or args.by_answer or args.attention:
+            p.error("--by-entities, --by-answer and --attention apply to the EntityGrid-QA "
+                    "test split, not --data")
         return _eval_data(args)
     for flag in ("image_folder", "max_new_tokens"):
         if getattr(args, flag) is not None:
@@ -105,6 +108,8 @@ def cli_eval(argv: list[str]) -> int:
     print(results_table(scores, f"EntityGrid-QA test split, {args.run_dir}"))
     if args.by_entities:
         print(scoring.by_entities_table(tally.by_entities()))
+    if args.by_answer:
+        print(scoring.by_answer_table(tally.by_answer()))
     for task in ATTENTION_TASKS:
         total, count = mass[task]
         if count:

@@ -49,6 +49,9 @@ def split_batches(n: int, cfg: entitygrid.EntityGridConfig, batch_size: int):
         yield [entitygrid.sample(s, cfg) for s in seeds[i:i + batch_size]]
 
 
+BY_ANSWER_TASKS = ("counting", "continuity")   # tasks whose answers are a few fixed words
+
+
 class Tally:
     """Running scores of answered samples, batch after batch: the same numbers as
     `entitygrid.score` and `by_entities` on all of them, without keeping any sample."""
@@ -56,6 +59,7 @@ class Tally:
     def __init__(self):
         self.groups = {g: [0, 0] for g in entitygrid.GROUPS}          # [correct, total]
         self.cells: dict = {t: {} for t in entitygrid.TASKS}      # task -> {entities: [c, t]}
+        self.answers: dict = {t: {} for t in entitygrid.TASKS}    # task -> {(answer, on_seam): [c, t]}
 
     def add(self, answers: Sequence[str], samples: Sequence) -> None:
         if len(answers) != len(samples):
@@ -69,9 +73,11 @@ class Tally:
             self.groups[g] = [c + s["correct"][key], t + s["counts"][key]]
         for a, smp in zip(answers, samples):
             if isinstance(smp, entitygrid.Sample):
-                cell = self.cells[smp.task].setdefault(len(smp.entities), [0, 0])
-                cell[0] += entitygrid.normalize(a) == entitygrid.normalize(smp.answer)
-                cell[1] += 1
+                right = entitygrid.normalize(a) == entitygrid.normalize(smp.answer)
+                for cell in (self.cells[smp.task].setdefault(len(smp.entities), [0, 0]),
+                             self.answers[smp.task].setdefault((smp.answer, smp.on_seam), [0, 0])):
+                    cell[0] += right
+                    cell[1] += 1
 
     def scores(self) -> dict:
         """As `entitygrid.score` of every sample added."""
@@ -84,6 +90,13 @@ class Tally:
         """As `by_entities`: {task: {entities: (correct, total)}}."""
         return {t: {n: tuple(c) for n, c in sorted(cells.items())}
                 for t, cells in self.cells.items()}
+
+    def by_answer(self) -> dict:
+        """{task: {(true answer, on_seam): (correct, total)}}: whether a seam gap is the seam's
+        or that of the answers the seam side holds (on-seam counting questions are mostly
+        about two or three entities, off-seam ones about one)."""
+        return {t: {k: tuple(c) for k, c in sorted(cells.items())}
+                for t, cells in self.answers.items()}
 
 
 def evaluate(model: HiResLLaVA, tokenizer, cfg: entitygrid.EntityGridConfig, n: int,
@@ -178,6 +191,21 @@ def by_entities_table(table: dict) -> str:
         row = [f"{100 * cells[n][0] / cells[n][1]:5.1f} ({cells[n][1]:>4})" if n in cells else "-"
                for n in ns]
         lines.append(f"  {task:<14}" + "".join(f"{c:>15}" for c in row))
+    return "\n".join(lines)
+
+
+def by_answer_table(table: dict, tasks: Sequence[str] = BY_ANSWER_TASKS) -> str:
+    """`Tally.by_answer` as text for `tasks` (those with a few fixed answers): accuracy %
+    (questions) per true answer, on-seam and off-seam."""
+    lines = ["accuracy by true answer and seam side, % (questions)",
+             f"  {'':<14}{'answer':<8}{'on-seam':>15}{'off-seam':>15}"]
+    for task in tasks:
+        cells = table.get(task, {})
+        for answer in sorted({a for a, _ in cells}):
+            row = [f"{100 * cells[answer, on][0] / cells[answer, on][1]:5.1f} "
+                   f"({cells[answer, on][1]:>4})" if (answer, on) in cells else "-"
+                   for on in (True, False)]
+            lines.append(f"  {task:<14}{answer:<8}" + "".join(f"{c:>15}" for c in row))
     return "\n".join(lines)
 
 
