@@ -95,13 +95,15 @@ def cli_ablate(argv: list[str]) -> int:
         """(absolute path, SHA-256) of the weights variant `key` starts from, or None."""
         path = sra_vit_init if key in sra else vit_init
         if path == BUNDLED:                # the shipped file of the variant's kind, if any
-            path = resolve(variant_config(base, key)).vit_init
-            if path is not None and path not in sha:
-                sha[path] = file_sha256(path)
+            shipped = resolve(variant_config(base, key))
+            return None if shipped.vit_init is None else \
+                (os.path.abspath(shipped.vit_init), shipped.vit_init_sha256)
         return None if path is None else (os.path.abspath(path), sha[path])
 
+    starts = {}                            # variant -> encoder(variant), found once
+
     def run_config(key: str, seed: int) -> T.TrainConfig:
-        path, digest = encoder(key) or (None, None)
+        path, digest = starts[key] or (None, None)
         return variant_config(base, key, seed=seed, vit_init=path, vit_init_sha256=digest)
 
     def run_dir(key: str, seed: int) -> Path:
@@ -110,9 +112,10 @@ def cli_ablate(argv: list[str]) -> int:
     with user_input():                     # every run's config, before any training
         for key in args.variants:
             try:
+                starts[key] = encoder(key)
                 for s in args.seeds:
                     run_config(key, s).validate()
-                if encoder(key):                   # the weights fit the variant's ViT
+                if starts[key]:                    # the weights fit the variant's ViT
                     T.check_vit_init(run_config(key, args.seeds[0]))
             except ValueError as e:
                 raise ValueError(f"variant {key}: {e}") from None
@@ -161,7 +164,7 @@ def cli_ablate(argv: list[str]) -> int:
                 raise UserError(f"{name}, seed {seed}: {e}") from e
             print(results_table(m, f"{name}, seed {seed}"), flush=True)
             results.setdefault(key, []).append(m)
-    encoders = {key: encoder(key) for key in results}
+    encoders = {key: starts[key] for key in results}
     table = markdown_table(results, base, args.seeds, encoders)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")

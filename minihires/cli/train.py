@@ -229,10 +229,11 @@ def cli_train(argv: list[str]) -> int:
         raise UserError(f"{out / ckpt.CONFIG}: train.{e}" if args.resume else str(e)) from None
     if args.resume is None and tc.vit_init is not None:   # every rank, before any folder
         with user_input("--vit-init: " if args.vit_init is not None else ""):
-            tc = encoders.resolve(tc)            # the shipped file that fits, or None
+            tc = encoders.resolve(tc)            # the shipped file that fits and its SHA-256
     if args.resume is None and tc.vit_init is not None:
-        with user_input("--vit-init: "):
-            tc = dataclasses.replace(tc, vit_init_sha256=file_sha256(tc.vit_init))
+        with user_input("--vit-init: "):         # a shipped file is hashed once, by resolve
+            tc = dataclasses.replace(tc, vit_init_sha256=tc.vit_init_sha256
+                                     or file_sha256(tc.vit_init))
             check_vit_init(tc)
     if args.stop_at is not None and args.stop_at < 1:
         p.error(f"--stop-at must be >= 1, got {args.stop_at}")

@@ -17,8 +17,8 @@ Every variant trains with the same steps, batch size, learning rate and seeds
 (`minihires.training.train`), on the same data stream, and is scored on the same test
 split; its ViT starts from the shipped encoder pretrained for its kind of view of the canvas
 (`minihires.training.encoders`: no adapters, SliceRestore, or the whole canvas), or from
-scratch with `ablate --vit-init none`. With several seeds the table shows means (and the spread as min-max). Choices that
-are ours: the variant list (not the paper's tables); variant 1 keeps all thumbnail tokens;
+scratch with `ablate --vit-init none`. With several seeds the table shows means (and the
+spread as min-max). Choices that are ours: the variant list (not the paper's tables); variant 1 keeps all thumbnail tokens;
 variant 5's half-slice stride; variant 6.
 """
 from __future__ import annotations
@@ -77,8 +77,7 @@ def finished_run(tc: T.TrainConfig, run_dir) -> dict | None:
                     and saved.get(k, default[k]) != want[k])   # missing: saved before the field
     built = tc.model_config()
     built.image_token_index = model_cfg.image_token_index     # set from the run's tokenizer
-    if not built.sra_runs:                                    # unused: any preset's will do
-        built.vit = dataclasses.replace(built.vit, sra_layers=model_cfg.vit.sra_layers)
+    T.ignore_unused_sra_layers(built, model_cfg)
     if built != model_cfg:
         differ.append("model")
     tasks = T.run_data_config(tc, built).tasks
@@ -127,7 +126,7 @@ def summary(results: dict[str, list[dict]], seeds: list[int], tc: T.TrainConfig,
     model_cfg = tc.model_config()                 # the values the runs used, not None
     tasks = T.run_data_config(tc, model_cfg).tasks
     return {"seeds": seeds, "tasks": list(tasks), "thumbnail_filter": model_cfg.thumbnail_filter,
-            "token_shift": tc.model_config().llama.token_shift,
+            "token_shift": model_cfg.llama.token_shift,
             "variants": {key: {"name": VARIANTS[key][0], "vit_gflops": vit_gflops(tc, key),
                                "vit_init": encoder_id(encoders.get(key)),
                                "runs": [{k: flat(r).get(k) for k in keys} for r in runs]}
@@ -162,13 +161,14 @@ def markdown_table(results: dict[str, list[dict]], tc: T.TrainConfig, seeds: lis
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     sra = tc.sra_layers and any(VARIANTS[k][1].get("use_sra") for k in results)
+    model_cfg = tc.model_config()                 # the values the runs used, not None
     lines.append(f"EntityGrid-QA test split, n={tc.eval_n}; accuracy in %, discrepancy = off-seam "
                  f"minus on-seam in points. Each variant: preset {tc.preset}, {tc.steps} steps x "
                  f"{tc.batch_size} images x {tc.turns} questions, lr {tc.lr} "
                  f"(ViT encoder x {tc.vision_lr_scale}), seeds {', '.join(map(str, seeds))}"
-                 f"; tasks {', '.join(T.run_data_config(tc, tc.model_config()).tasks)}"
-                 f"; thumbnail {tc.model_config().thumbnail_filter}"
-                 f"; LLM token shift {tc.model_config().llama.token_shift}"
+                 f"; tasks {', '.join(T.run_data_config(tc, model_cfg).tasks)}"
+                 f"; thumbnail {model_cfg.thumbnail_filter}"
+                 f"; LLM token shift {model_cfg.llama.token_shift}"
                  f"{'; SRA after ViT blocks ' + ', '.join(map(str, tc.sra_layers)) if sra else ''}"
                  f"{' (mean, min-max)' if len(seeds) > 1 else ''}.")
     started = {k: Path(f[0]).name for k, f in (encoders or {}).items() if f}

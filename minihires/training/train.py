@@ -307,6 +307,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def ignore_unused_sra_layers(built: ModelConfig, saved: ModelConfig) -> None:
+    """Give `built` the adapter places of `saved` when `built` runs no adapters: unused
+    places are no part of the model, so a run saved under another default still matches."""
+    if not built.sra_runs:
+        built.vit = dataclasses.replace(built.vit, sra_layers=saved.vit.sra_layers)
+
+
 def run_data_config(tc: TrainConfig, model_cfg: ModelConfig) -> EntityGridConfig:
     """The EntityGrid-QA config a run of `tc` draws from: its tasks, or the model's default."""
     return data.data_config(model_cfg, **({} if tc.tasks is None else {"tasks": tuple(tc.tasks)}))
@@ -410,8 +417,7 @@ def load_resume(run_dir, tc: TrainConfig, stop_at: int | None = None
     model_cfg = tc.model_config()
     model_cfg.image_token_index = tokenizer.image_id
     saved_model_cfg = ckpt.load_config(run_dir)[0]
-    if not model_cfg.sra_runs:                  # unused adapter places: any preset's will do
-        model_cfg.vit = dataclasses.replace(model_cfg.vit, sra_layers=saved_model_cfg.vit.sra_layers)
+    ignore_unused_sra_layers(model_cfg, saved_model_cfg)
     if saved_model_cfg != model_cfg:
         raise ValueError(f"{run_dir / ckpt.CONFIG}: its model section is not the model its "
                          "train section (and tokenizer.model) build; was it edited?")
